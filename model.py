@@ -1,0 +1,538 @@
+"""
+l2p model.py: every network of the project, in one file, loaded straight from the published safetensors.
+
+Conventions (everywhere in l2p): images are float NCHW in [-1, 1]; sigma in [0, 1] with 1 = pure noise;
+x_sigma = (1 - sigma) * x0 + sigma * eps; every model's forward takes sigma and returns v = eps - x0.
+Published formats are converted at their boundary (loading), nowhere else.
+
+Sections
+  1. Blocks         RMSNorm helpers, 3-axis RoPE, attention, SwiGLU feed-forward, the (modulated) DiT block
+  2. Z-Image DiT    ZImageConfig, ZImageDiT: forward(x, sigma, cap, cap_mask) -> v
+  3. L2P head       (pixel model; added with the L2P issue)
+  4. VAE            FluxVAEConfig, FluxVAE: encode(img) -> normalised latent, decode(latent) -> img
+  5. Text encoder   TextEncoder: Qwen3 through transformers, encode(prompts) -> (cap, cap_mask)
+  6. Loading        layout detection, streaming safetensors reads, meta-device init + assign
+  7. Sampling       shifted sigma grid, Euler sampler with classifier-free guidance
+"""
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rope_cos_sin(pos_ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos_ids [B, S, n_axes] int -> cos, sin [B, S, 1, head_dim / 2] fp32 (the 1 broadcasts over heads).
+
+    Angles are pos * theta^(-2i/d) per axis, formed in float64 so large positions keep their precision.
+    """
+    angles = []
+    for axis, dim in enumerate(axes_dims):
+        inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=pos_ids.device) / dim)
+        angles.append(pos_ids[..., axis, None].double() * inv_freq)
+    angles = torch.cat(angles, dim=-1).float().unsqueeze(2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, S, heads, head_dim]; rotation pairs are interleaved: (x0, x1), (x2, x3), ..."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, eps: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])  # a list only to keep the published key to_out.0
+        self.norm_q = nn.RMSNorm(dim // n_heads, eps=eps)
+        self.norm_k = nn.RMSNorm(dim // n_heads, eps=eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None):
+        B, S, dim = x.shape
+        q = self.norm_q(self.to_q(x).view(B, S, self.n_heads, -1))  # [B, S, heads, head_dim]
+        k = self.norm_k(self.to_k(x).view(B, S, self.n_heads, -1))
+        v = self.to_v(x).view(B, S, self.n_heads, -1)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S], True = attend
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return self.to_out[0](out.transpose(1, 2).reshape(B, S, dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class DiTBlock(nn.Module):
+    """Pre- and post-norm ("sandwich") block; with `modulated`, adaLN scales and tanh gates from the timestep."""
+
+    def __init__(self, dim: int, n_heads: int, ffn_dim: int, eps: float, adaln_dim: int, modulated: bool):
+        super().__init__()
+        self.attention = Attention(dim, n_heads, eps)
+        self.feed_forward = FeedForward(dim, ffn_dim)
+        self.attention_norm1 = nn.RMSNorm(dim, eps=eps)
+        self.attention_norm2 = nn.RMSNorm(dim, eps=eps)
+        self.ffn_norm1 = nn.RMSNorm(dim, eps=eps)
+        self.ffn_norm2 = nn.RMSNorm(dim, eps=eps)
+        if modulated:
+            self.adaLN_modulation = nn.Sequential(nn.Linear(adaln_dim, 4 * dim))
+
+    def forward(self, x, rope, key_mask, adaln=None):
+        if adaln is None:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, key_mask))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=-1)
+        x = x + gate_msa.tanh() * self.attention_norm2(self.attention(self.attention_norm1(x) * (1 + scale_msa), rope,
+                                                                      key_mask))
+        return x + gate_mlp.tanh() * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Z-Image DiT
+# ----------------------------------------------------------------------------------------------------------------
+
+SEQ_MULTIPLE = 32  # Z-Image pads both the caption and the image token runs to a multiple of 32
+ADALN_DIM = 256
+
+
+@dataclass
+class ZImageConfig:
+    in_channels: int = 16
+    patch_size: int = 2
+    dim: int = 3840
+    n_layers: int = 30
+    n_refiner_layers: int = 2
+    n_heads: int = 30
+    norm_eps: float = 1e-5
+    cap_feat_dim: int = 2560
+    rope_theta: float = 256.0
+    t_scale: float = 1000.0
+    axes_dims: tuple[int, ...] = (32, 48, 48)
+
+    @property
+    def ffn_dim(self) -> int:
+        return int(self.dim / 3 * 8)
+
+    @property
+    def adaln_dim(self) -> int:
+        return min(self.dim, ADALN_DIM)
+
+
+def round_up(n, multiple: int = SEQ_MULTIPLE):
+    return (n + multiple - 1) // multiple * multiple
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/p)(W/p), p*p*C], vector order (ph, pw, c) with c fastest."""
+    B, C, H, W = x.shape
+    x = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, H: int, W: int) -> torch.Tensor:
+    """[B, (H/p)(W/p), p*p*C] -> [B, C, H, W]; the inverse of patchify."""
+    B = tokens.shape[0]
+    x = tokens.view(B, H // p, W // p, p, p, -1).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, -1, H, W)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, out_dim: int, hidden: int = 1024, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs
+        sinusoid = torch.cat([args.cos(), args.sin()], dim=-1)  # cos first, as Z-Image
+        return self.mlp(sinusoid.to(self.mlp[0].weight.dtype))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int, adaln_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
+
+    def forward(self, x, adaln):
+        return self.linear(self.norm_final(x) * (1 + self.adaLN_modulation(adaln).unsqueeze(1)))
+
+
+class ZImageDiT(nn.Module):
+    """Z-Image's single-stream DiT. forward(x, sigma, cap, cap_mask) -> v = eps - x0 (the negated raw output).
+
+    Sequence per sample: [image tokens, image pads | caption tokens, caption pads | batch padding]. Image and
+    caption pads are real tokens (learned pad embeddings that attend and are attended to, as in the source); only
+    batch padding, which exists when captions in a batch differ in padded length, is cut by the key mask.
+    """
+
+    def __init__(self, cfg: ZImageConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim, p = cfg.dim, cfg.patch_size
+        assert dim // cfg.n_heads == sum(cfg.axes_dims), "head_dim must equal the sum of the RoPE axes"
+        block = lambda modulated: DiTBlock(dim, cfg.n_heads, cfg.ffn_dim, cfg.norm_eps, cfg.adaln_dim, modulated)
+        self.all_x_embedder = nn.ModuleDict({f"{p}-1": nn.Linear(p * p * cfg.in_channels, dim)})
+        self.all_final_layer = nn.ModuleDict({f"{p}-1": FinalLayer(dim, p * p * cfg.in_channels, cfg.adaln_dim)})
+        self.t_embedder = TimestepEmbedder(cfg.adaln_dim)
+        self.cap_embedder = nn.Sequential(nn.RMSNorm(cfg.cap_feat_dim, eps=cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, dim))
+        self.x_pad_token = nn.Parameter(torch.zeros(1, dim))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, dim))
+        self.noise_refiner = nn.ModuleList([block(True) for _ in range(cfg.n_refiner_layers)])
+        self.context_refiner = nn.ModuleList([block(False) for _ in range(cfg.n_refiner_layers)])
+        self.layers = nn.ModuleList([block(True) for _ in range(cfg.n_layers)])
+        self.gradient_checkpointing = False
+
+    def _run(self, block, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def transformer(self, tokens: torch.Tensor, grid: tuple[int, int], sigma: torch.Tensor, cap: torch.Tensor,
+                    cap_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything between the patch embedder's input and the final layer.
+
+        tokens [B, N, patch_dim] (N = grid h * w), sigma [B], cap [B, L, cap_feat_dim], cap_mask [B, L] bool.
+        Returns the last layer's image tokens [B, N, dim] and the timestep embedding adaln [B, 256].
+        """
+        B, N, _ = tokens.shape
+        dtype, device = self.cap_pad_token.dtype, tokens.device
+        if cap_mask.dtype != torch.bool or cap_mask.shape != cap.shape[:2]:
+            raise ValueError(f"cap_mask must be bool [B, L] matching cap {tuple(cap.shape)}, got "
+                             f"{cap_mask.dtype} {tuple(cap_mask.shape)}")
+        cap_len = cap_mask.sum(1)  # [B]
+        if (cap_len == 0).any():
+            raise ValueError("a caption has no valid token (cap_mask all False); encode the empty prompt instead")
+        sigma = sigma.to(device=device, dtype=torch.float32).expand(B)
+        adaln = self.t_embedder((1 - sigma) * self.cfg.t_scale).to(dtype)
+
+        # Caption: valid rows first (masks may be left-padded), padded per sample to a multiple of 32.
+        order = torch.sort((~cap_mask).to(torch.uint8), dim=1, stable=True).indices
+        cap = torch.gather(cap, 1, order[..., None].expand_as(cap))
+        cap_padded_len = round_up(cap_len)  # [B]
+        L = int(cap_padded_len.max())
+        cap = F.pad(cap, (0, 0, 0, max(0, L - cap.shape[1])))[:, :L]
+        j = torch.arange(L, device=device)
+        c = self.cap_embedder(cap.to(dtype))
+        c = torch.where((j[None, :] < cap_len[:, None])[..., None], c, self.cap_pad_token)  # [B, L, dim]
+        cap_valid = j[None, :] < cap_padded_len[:, None]  # [B, L]; False = batch padding
+
+        # Image: N tokens + x_pad_token up to a multiple of 32 (same for every sample of the batch).
+        Np = round_up(N)
+        x = self.all_x_embedder[f"{self.cfg.patch_size}-1"](tokens.to(dtype))
+        x = torch.cat([x, self.x_pad_token.expand(B, Np - N, -1)], dim=1)  # [B, Np, dim]
+
+        # Position ids: caption (1 + j, 0, 0); image (padded caption length + 1, row, col); image pads (0, 0, 0).
+        h, w = grid
+        rows = torch.arange(h, device=device).repeat_interleave(w)
+        cols = torch.arange(w, device=device).repeat(h)
+        img_ids = torch.zeros(B, Np, 3, dtype=torch.long, device=device)
+        img_ids[:, :N, 0] = (cap_padded_len + 1)[:, None]
+        img_ids[:, :N, 1], img_ids[:, :N, 2] = rows, cols
+        cap_ids = torch.zeros(B, L, 3, dtype=torch.long, device=device)
+        cap_ids[..., 0] = 1 + j
+        cos, sin = rope_cos_sin(torch.cat([img_ids, cap_ids], dim=1), self.cfg.axes_dims, self.cfg.rope_theta)
+        img_rope, cap_rope = (cos[:, :Np], sin[:, :Np]), (cos[:, Np:], sin[:, Np:])
+
+        cap_key_mask = None if bool(cap_valid.all()) else cap_valid
+        for block in self.noise_refiner:
+            x = self._run(block, x, img_rope, None, adaln)
+        for block in self.context_refiner:
+            c = self._run(block, c, cap_rope, cap_key_mask)
+        joint = torch.cat([x, c], dim=1)  # image first
+        joint_key_mask = None if cap_key_mask is None else F.pad(cap_key_mask, (Np, 0), value=True)
+        for block in self.layers:
+            joint = self._run(block, joint, (cos, sin), joint_key_mask, adaln)
+        return joint[:, :N], adaln
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor, cap_mask: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] latent, sigma [B] (1 = noise), cap [B, L, cap_feat_dim], cap_mask [B, L] -> v fp32."""
+        p = self.cfg.patch_size
+        B, C, H, W = x.shape
+        if C != self.cfg.in_channels or H % p or W % p:
+            raise ValueError(f"input {tuple(x.shape)}: expected {self.cfg.in_channels} channels and H, W multiples of "
+                             f"the patch {p}")
+        hidden, adaln = self.transformer(patchify(x, p), (H // p, W // p), sigma, cap, cap_mask)
+        out = self.all_final_layer[f"{p}-1"](hidden, adaln)  # the source predicts x0 - eps
+        return -unpatchify(out, p, H, W).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Loading (shared utilities; the per-model loaders sit at the end of this section)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is not what the caller asked for: says what was seen and what to do."""
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The shards of a component folder: those named by a *.safetensors.index.json, else every *.safetensors."""
+    folder = Path(folder)
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{indexes[0]} names shards that are not there: {missing[:3]}; "
+                                  "download the whole folder again")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors file in {folder}")
+    return files
+
+
+def safetensors_keys(files: Iterable[Path]) -> list[str]:
+    keys = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            keys.extend(f.keys())
+    return keys
+
+
+def read_tensors(files: Iterable[Path], strip_prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (key, tensor) one at a time, so a caller never holds more than the tensors it keeps."""
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key.removeprefix(strip_prefix), f.get_tensor(key)
+
+
+def assign_weights(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], layout: str,
+                   device="cpu", dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """Fill a module built on the meta device with checkpoint tensors, each cast and moved as it streams in.
+
+    Peak memory is the finished model plus one tensor: nothing is initialised and then overwritten. Float tensors
+    are cast to `dtype` (checkpoints may mix F32 and bf16); dtype=None keeps the file's dtypes.
+    Raises CheckpointError naming the layout and the first missing / unexpected / misshapen keys.
+    """
+    expected = module.state_dict()
+    state, unexpected, misshapen = {}, [], {}
+    for key, tensor in tensors:
+        if key not in expected:
+            unexpected.append(key)
+            continue
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            misshapen[key] = f"{key} {tuple(tensor.shape)} != {tuple(expected[key].shape)}"
+            continue
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[key] = tensor.to(device)
+    missing = [k for k in expected if k not in state and k not in misshapen]
+    if missing or unexpected or misshapen:
+        raise CheckpointError(
+            f"checkpoint read as layout '{layout}' does not fit {type(module).__name__}: "
+            f"{len(missing)} missing (first: {missing[:5]}), {len(unexpected)} unexpected (first: {unexpected[:5]}), "
+            f"{len(misshapen)} with wrong shape (first: {list(misshapen.values())[:3]}). Is this the right file for this model?")
+    module.load_state_dict(state, strict=True, assign=True)
+    return module
+
+
+def config_from_json(cls, path: Path, **overrides):
+    """Build a config dataclass from a published config.json, ignoring keys the dataclass does not model."""
+    raw = json.loads(Path(path).read_text())
+    names = {f.name for f in fields(cls)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names}
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def safetensors_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor in the files, read from the headers only."""
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def component_dir(path: Path, component: str) -> Path:
+    """A Hugging Face repo root holds components in subfolders; anything else is taken as the component itself."""
+    path = Path(path)
+    return path / component if (path / component).is_dir() else path
+
+
+COMFY_PREFIX = "model.diffusion_model."
+
+
+def zimage_config_from_shapes(shapes: dict[str, tuple[int, ...]], patch_size: int, in_channels: int) -> ZImageConfig:
+    count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix + ".")})
+    dim, cap_feat_dim = shapes["cap_embedder.1.weight"]
+    head_dim = shapes["layers.0.attention.norm_q.weight"][0]
+    # The RoPE split is not in the file: Z-Image's (32, 48, 48) of 128, scaled for smaller heads.
+    axes_dims = (head_dim // 4, head_dim * 3 // 8, head_dim - head_dim // 4 - head_dim * 3 // 8)
+    return ZImageConfig(in_channels=in_channels, patch_size=patch_size, dim=dim, n_layers=count("layers"),
+                        n_refiner_layers=count("noise_refiner"), n_heads=dim // head_dim, cap_feat_dim=cap_feat_dim,
+                        axes_dims=axes_dims)
+
+
+def zimage_from_comfy(tensors: Iterable[tuple[str, torch.Tensor]], patch_size: int):
+    """ComfyUI single-file names -> diffusers names: fused qkv split in rows q | k | v; unused norm_final dropped."""
+    renames = {".attention.out.weight": ".attention.to_out.0.weight",
+               ".attention.q_norm.weight": ".attention.norm_q.weight",
+               ".attention.k_norm.weight": ".attention.norm_k.weight"}
+    for key, tensor in tensors:
+        if key == "norm_final.weight":
+            continue
+        if key.endswith(".attention.qkv.weight"):
+            base = key.removesuffix("qkv.weight")
+            for name, part in zip(("to_q", "to_k", "to_v"), tensor.chunk(3, dim=0)):
+                yield f"{base}{name}.weight", part
+            continue
+        for old, new in renames.items():
+            if key.endswith(old):
+                key = key.removesuffix(old) + new
+        if key.startswith("x_embedder."):
+            key = f"all_x_embedder.{patch_size}-1." + key.removeprefix("x_embedder.")
+        elif key.startswith("final_layer."):
+            key = f"all_final_layer.{patch_size}-1." + key.removeprefix("final_layer.")
+        yield key, tensor
+
+
+def _normalise_dit_keys(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Shapes of a single-file checkpoint under diffusers names (for config inference; no tensor is read)."""
+    meta = ((k, torch.empty(s, device="meta")) for k, s in shapes.items())
+    return {k: tuple(t.shape) for k, t in zimage_from_comfy(meta, patch_size=0)}
+
+
+def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Load a Z-Image DiT from a repo root, a transformer/ folder (sharded or not) or a single .safetensors file.
+
+    Single files may use diffusers names or ComfyUI names (fused qkv, optional 'model.diffusion_model.' prefix);
+    their config is inferred from the shapes. Mixed dtypes are cast to `dtype` tensor by tensor.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_dir():
+        folder = component_dir(path, "transformer")
+        config_file = folder / "config.json"
+        if not config_file.exists():
+            raise CheckpointError(f"{path} is neither a Z-Image repo root (with transformer/) nor a component folder "
+                                  "(config.json + safetensors); pass one of those or a single .safetensors file")
+        raw = json.loads(config_file.read_text())
+        if raw.get("_class_name", "ZImageTransformer2DModel") != "ZImageTransformer2DModel":
+            raise CheckpointError(f"{config_file} describes a {raw['_class_name']}, not a Z-Image transformer; pass "
+                                  "the repo root or its transformer/ folder")
+        if raw.get("all_patch_size", [2]) != [2] or raw.get("all_f_patch_size", [1]) != [1]:
+            raise CheckpointError(f"{config_file}: only the single 2x2 latent patch of Z-Image is supported, got "
+                                  f"{raw.get('all_patch_size')}")
+        cfg = config_from_json(ZImageConfig, config_file)
+        files, layout, strip, comfy = safetensors_files(folder), "diffusers folder", "", False
+    elif path.suffix == ".safetensors":
+        files = [path]
+        shapes = safetensors_shapes(files)
+        strip = COMFY_PREFIX if shapes and all(k.startswith(COMFY_PREFIX) for k in shapes) else ""
+        shapes = {k.removeprefix(strip): s for k, s in shapes.items()}
+        comfy = any(k.endswith(".attention.qkv.weight") for k in shapes)
+        layout = ("single file, ComfyUI names" if comfy else "single file, diffusers names") + (
+            f", prefix '{strip}'" if strip else "")
+        names = _normalise_dit_keys(shapes) if comfy else shapes
+        embedder = next((k for k in names if k.startswith("all_x_embedder.") and k.endswith(".weight")),
+                        "x_embedder.weight" if "x_embedder.weight" in names else None)
+        if embedder is None or "cap_embedder.1.weight" not in names or "layers.0.attention.norm_q.weight" not in names:
+            raise CheckpointError(f"{path} (read as {layout}) is not a Z-Image transformer: no patch embedder / "
+                                  f"caption embedder / layers.0 among its {len(shapes)} keys (first: "
+                                  f"{list(shapes)[:5]}). Pass a Z-Image transformer file, folder or repo root")
+        patch_size = int(round(math.sqrt(names[embedder][1] / 16)))
+        cfg = zimage_config_from_shapes(names, patch_size=patch_size, in_channels=16)
+    else:
+        raise CheckpointError(f"{path}: expected a folder or a .safetensors file")
+    with torch.device("meta"):
+        model = ZImageDiT(cfg)
+    tensors = read_tensors(files, strip_prefix=strip)
+    if comfy:
+        tensors = zimage_from_comfy(tensors, cfg.patch_size)
+    return assign_weights(model, tensors, layout, device=device, dtype=dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def shifted_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """[steps + 1] fp32: linspace(1, 1/steps, steps) under the static shift s*σ / (1 + (s-1)*σ), then a final 0."""
+    sigmas = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+
+
+def noise_for_seeds(seeds: list[int], shape: tuple[int, ...], device="cpu") -> torch.Tensor:
+    """[len(seeds), *shape] fp32 N(0, I); each sample's noise depends on its own seed only, not on its batch."""
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(device)
+
+
+def cat_captions(caps: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate caption batches of different lengths along the batch, padding with masked zero rows."""
+    L = max(c.shape[1] for c in caps)
+    cap = torch.cat([F.pad(c, (0, 0, 0, L - c.shape[1])) for c in caps])
+    mask = torch.cat([F.pad(m, (0, L - m.shape[1]), value=False) for m in masks])
+    return cap, mask
+
+
+@torch.no_grad()
+def sample(model: nn.Module, noise: torch.Tensor, cap: torch.Tensor, cap_mask: torch.Tensor, steps: int,
+           shift: float, guidance: float = 1.0, neg_cap: torch.Tensor | None = None,
+           neg_mask: torch.Tensor | None = None, cfg_batch: bool = True, progress: bool = False) -> torch.Tensor:
+    """Euler from sigma = 1 to 0 on any model with forward(x, sigma, cap, cap_mask) -> v; returns x0 (fp32).
+
+    Classifier-free guidance is v = v_neg + guidance * (v_pos - v_neg): 1 = off. Z-Image writes its CFG as
+    pos + w * (pos - neg), which is guidance = 1 + w. cfg_batch runs both branches as one batch of 2B;
+    False runs two passes (less memory).
+    """
+    guided = guidance != 1.0
+    if guided and neg_cap is None:
+        raise ValueError("guidance != 1 needs the negative prompt's features (neg_cap, neg_mask)")
+    dtype = next(model.parameters()).dtype
+    x = noise.float()
+    B = x.shape[0]
+    sigmas = shifted_sigmas(steps, shift).to(x.device)
+    if guided and cfg_batch:
+        both_cap, both_mask = cat_captions([cap, neg_cap], [cap_mask, neg_mask])
+    steps_iter = range(steps)
+    if progress:
+        from tqdm import tqdm
+        steps_iter = tqdm(steps_iter, desc="sampling", unit="step")
+    for i in steps_iter:
+        sigma = sigmas[i].expand(B)
+        if not guided:
+            v = model(x.to(dtype), sigma, cap, cap_mask)
+        elif cfg_batch:
+            v_pos, v_neg = model(x.to(dtype).repeat(2, 1, 1, 1), sigma.repeat(2), both_cap, both_mask).chunk(2)
+            v = v_neg + guidance * (v_pos - v_neg)
+        else:
+            v_pos = model(x.to(dtype), sigma, cap, cap_mask)
+            v_neg = model(x.to(dtype), sigma, neg_cap, neg_mask)
+            v = v_neg + guidance * (v_pos - v_neg)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v.float()
+    return x

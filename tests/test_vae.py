@@ -1,0 +1,150 @@
+"""FLUX.1 VAE: exact names/shapes at real size, and numerics against diffusers' AutoencoderKL on tiny random weights."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tiny_vae import TINY_VAE_CONFIG, ldm_vae_state_dict, save_tiny_vae, write_ae_safetensors
+from model import CheckpointError
+
+try:
+    from model import FluxVAE, FluxVAEConfig, flux_vae_from_ldm, load_vae
+except ImportError:  # until the VAE section moves into model.py
+    from _vae import FluxVAE, FluxVAEConfig, flux_vae_from_ldm, load_vae
+
+FORMATS = Path(__file__).resolve().parents[1].parent / "shared" / "formats"
+TINY_CONFIG = FluxVAEConfig(**{k: v for k, v in TINY_VAE_CONFIG.items() if k in FluxVAEConfig.__dataclass_fields__})
+
+
+def read_tsv(name: str) -> dict[str, tuple[int, ...]]:
+    rows = (line.split("\t") for line in (FORMATS / name).read_text().splitlines() if not line.startswith("#"))
+    return {key: tuple(int(d) for d in shape.strip("[]").split(",") if d.strip()) for key, shape in rows}
+
+
+def shapes(state) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def rel_err(ours, ref) -> float:
+    return ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+# ---- real size, on the meta device ----
+
+def test_real_size_names_and_shapes_match_published_vae():
+    published = read_tsv("flux-vae.tsv")
+    with torch.device("meta"):
+        vae = FluxVAE(FluxVAEConfig())
+    assert shapes(vae.state_dict()) == published
+    assert len(published) == 244
+    assert sum(torch.Size(s).numel() for s in published.values()) == 83_819_683
+    assert vae.downscale == 8
+
+
+def test_ldm_names_of_ae_safetensors_map_onto_diffusers_names():
+    ldm = read_tsv("flux-vae-single-file.tsv")
+    mapped = dict(flux_vae_from_ldm((k, torch.empty(s, device="meta")) for k, s in ldm.items()))
+    assert len(mapped) == len(ldm)  # no two LDM names land on one key
+    assert shapes(mapped) == read_tsv("flux-vae.tsv")
+
+
+# ---- tiny random weights against diffusers ----
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The diffusers reference, its outputs, and the same weights written in every layout load_vae reads."""
+    root = tmp_path_factory.mktemp("tiny_vae")
+    ref = save_tiny_vae(root / "repo" / "vae")
+    save_tiny_vae(root / "sharded", max_shard_size="1MB")
+    paths = {
+        "repo root": root / "repo",
+        "diffusers folder": root / "repo" / "vae",
+        "sharded folder": root / "sharded",
+        "diffusers single file": root / "repo" / "vae" / "diffusion_pytorch_model.safetensors",
+        "ae.safetensors": write_ae_safetensors(ref, root / "ae.safetensors"),
+        "ae.safetensors first_stage_model.": write_ae_safetensors(ref, root / "ae_fsm.safetensors", "first_stage_model."),
+        "ae.safetensors vae.": write_ae_safetensors(ref, root / "ae_vae.safetensors", "vae."),
+    }
+    gen = torch.Generator().manual_seed(1)
+    img = torch.rand(2, 3, 48, 80, generator=gen) * 2 - 1  # non-square, in [-1, 1]
+    z = torch.randn(2, 16, 6, 10, generator=gen)
+    s, m = ref.config.scaling_factor, ref.config.shift_factor
+    with torch.no_grad():
+        ref_latent = (ref.encode(img).latent_dist.mean - m) * s
+        ref_img = ref.decode(z / s + m).sample
+    return dict(ref=ref, paths=paths, root=root, img=img, z=z, ref_latent=ref_latent, ref_img=ref_img)
+
+
+def test_tiny_checkpoints_are_not_degenerate(tiny):
+    assert len(list((tiny["root"] / "sharded").glob("*.safetensors"))) > 1
+    assert tiny["ref_latent"].shape == (2, 16, 6, 10) and tiny["ref_img"].shape == (2, 3, 48, 80)
+    assert 0.1 < tiny["ref_latent"].std() < 10 and 0.1 < tiny["ref_img"].std() < 10
+
+
+@pytest.mark.parametrize("prefix", ["", "first_stage_model."])
+def test_written_ae_safetensors_is_what_diffusers_reads(tiny, prefix, tmp_path):
+    # diffusers' own LDM converter, not our mapping, takes the file back to the reference weights, bit for bit
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    path = write_ae_safetensors(tiny["ref"], tmp_path / "ae.safetensors", prefix)
+    converted = convert_ldm_vae_checkpoint(load_file(str(path)), dict(tiny["ref"].config))
+    expected = tiny["ref"].state_dict()
+    assert converted.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(converted[key], tensor), key
+
+
+@pytest.mark.parametrize("layout", ["repo root", "diffusers folder", "sharded folder", "diffusers single file",
+                                    "ae.safetensors", "ae.safetensors first_stage_model.", "ae.safetensors vae."])
+def test_matches_diffusers_fp32(tiny, layout):
+    vae = load_vae(tiny["paths"][layout], config=None if "folder" in layout or layout == "repo root" else TINY_CONFIG)
+    assert vae.cfg == TINY_CONFIG
+    with torch.no_grad():
+        latent, img = vae.encode(tiny["img"]), vae.decode(tiny["z"])
+    assert latent.dtype == img.dtype == torch.float32
+    assert rel_err(latent, tiny["ref_latent"]) < 1e-4
+    assert rel_err(img, tiny["ref_img"]) < 1e-4
+
+
+def test_bf16_close_to_diffusers_fp32(tiny):
+    vae = load_vae(tiny["paths"]["ae.safetensors"], dtype=torch.bfloat16, config=TINY_CONFIG)
+    assert all(p.dtype == torch.bfloat16 for p in vae.parameters())
+    with torch.no_grad():
+        latent, img = vae.encode(tiny["img"]), vae.decode(tiny["z"])
+    assert latent.dtype == img.dtype == torch.bfloat16
+    assert rel_err(latent, tiny["ref_latent"]) < 3e-2
+    assert rel_err(img, tiny["ref_img"]) < 3e-2
+
+
+def test_encode_rejects_sizes_not_multiple_of_8(tiny):
+    vae = load_vae(tiny["paths"]["diffusers folder"])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        vae.encode(torch.zeros(1, 3, 48, 84))
+
+
+# ---- errors ----
+
+def test_missing_key_names_layout_and_key(tiny, tmp_path):
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny["paths"]["diffusers folder"] / "config.json").read_text())
+    state = load_file(str(tiny["paths"]["diffusers single file"]))
+    del state["decoder.mid_block.attentions.0.to_q.weight"]
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"diffusers folder.*decoder\.mid_block\.attentions\.0\.to_q\.weight"):
+        load_vae(folder)
+
+
+def test_tiny_file_does_not_fit_flux_shapes(tiny):
+    # a single file brings no config: without one it must fit FLUX.1's shapes, and says so when it does not
+    with pytest.raises(CheckpointError, match=r"ae\.safetensors \(LDM naming\).*wrong shape"):
+        load_vae(tiny["paths"]["ae.safetensors"])
+
+
+def test_non_vae_file_is_refused(tmp_path):
+    path = tmp_path / "transformer.safetensors"
+    save_file({"layers.0.attention.qkv.weight": torch.zeros(8, 4), "x_embedder.weight": torch.zeros(4, 4)}, str(path))
+    with pytest.raises(CheckpointError, match="not a VAE.*layers.0.attention.qkv.weight.*ae.safetensors"):
+        load_vae(path)

@@ -1,0 +1,67 @@
+"""Tiny random checkpoints in the exact published layouts, built in the test (nothing is downloaded)."""
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+FORMATS = Path(__file__).resolve().parents[1].parent / "shared" / "formats"
+
+TINY_DIT = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=3, n_refiner_layers=2,
+                n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=24, rope_theta=256.0,
+                t_scale=1000.0, axes_dims=[8, 12, 12], axes_lens=[1536, 512, 512])
+
+
+def read_format(name: str) -> dict[str, tuple[int, ...]]:
+    """shared/formats/<name>.tsv -> {key: shape}."""
+    shapes = {}
+    for line in (FORMATS / f"{name}.tsv").read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, shape = line.split("\t")
+            shapes[key] = tuple(int(d) for d in shape.strip("[]").split(",") if d.strip())
+    return shapes
+
+
+def randomise_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter random (norm weights around 1, the rest small), so no default-init zero hides a bug."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim == 1 and ("norm" in name or name.endswith("0.weight") and "cap_embedder" in name):
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_(noise * (0.5 / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else 0.1))
+    return module
+
+
+def make_diffusers_dit(seed: int = 0, **overrides):
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return randomise_(ZImageTransformer2DModel(**{**TINY_DIT, **overrides}), seed).eval()
+
+
+def to_comfy(state: dict[str, torch.Tensor], prefix: str = "", norm_final: bool = False) -> dict[str, torch.Tensor]:
+    """diffusers names -> ComfyUI single-file names (written independently of model.py's reverse mapping)."""
+    out = {}
+    for key, t in state.items():
+        if ".attention.to_q." in key:
+            base = key.split(".attention.to_q.")[0]
+            out[f"{base}.attention.qkv.weight"] = torch.cat(
+                [state[f"{base}.attention.to_{n}.weight"] for n in "qkv"]).contiguous()
+            continue
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        key = key.replace(".attention.to_out.0.", ".attention.out.").replace(".attention.norm_q.", ".attention.q_norm.")
+        key = key.replace(".attention.norm_k.", ".attention.k_norm.")
+        key = key.replace("all_x_embedder.2-1.", "x_embedder.").replace("all_final_layer.2-1.", "final_layer.")
+        out[key] = t.contiguous()
+    if norm_final:
+        out["norm_final.weight"] = torch.ones(state["cap_pad_token"].shape[1])
+    return {prefix + k: v for k, v in out.items()}
+
+
+def save_single_file(state: dict[str, torch.Tensor], path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
