@@ -16,7 +16,7 @@ from model import CheckpointError, assign_weights, read_tensors, safetensors_fil
 # ----------------------------------------------------------------------------------------------------------------
 
 # What a config-less single file (ComfyUI's qwen_3_4b.safetensors) is read with, when its shapes do not say otherwise.
-QWEN3_4B_DEFAULTS = dict(max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+QWEN3_4B_DEFAULTS = dict(max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                          rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
@@ -31,7 +31,7 @@ class TextEncoder:
 
     def __init__(self, tokenizer, model: Qwen3Model):
         self.tokenizer, self.model = tokenizer, model
-        self.tokenizer.padding_side = "right"  # position ids count from the first token, as in the reference
+        self.tokenizer.padding_side = "right"  # real tokens first: the rows the DiT and the reference keep
 
     @torch.no_grad()  # not inference_mode: the features feed DiT training graphs, which must be able to save them
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

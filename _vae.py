@@ -62,7 +62,7 @@ class MidAttention(nn.Module):
         B, C, H, W = x.shape
         h = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
         q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, HW, C]
-        h = self.to_out[0](F.scaled_dot_product_attention(q, k, v, scale=1.0).squeeze(1))  # [B, HW, C]
+        h = self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1))  # [B, HW, C]
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 

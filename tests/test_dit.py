@@ -173,13 +173,14 @@ def test_real_size_comfy_layout_maps_onto_diffusers_names():
 
 
 PEAK_RSS_SCRIPT = """
-import resource, sys, torch
+import sys, torch
 import model
-base = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 1024  # current RSS, KiB
+def kib(field):  # VmHWM, unlike ru_maxrss, is not inherited from the forking parent
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
+base = kib("VmRSS")
 dit = model.load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
-touched = sum(float(p.sum()) for p in dit.parameters())  # count pages the loader may have mapped lazily
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - base) * 1024)
+touched = sum(float(p.detach().sum()) for p in dit.parameters())  # every weight page really resident
+print((kib("VmHWM") - base) * 1024)
 """
 
 

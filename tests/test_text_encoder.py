@@ -50,6 +50,7 @@ def test_matches_diffusers_pipeline(tiny, ours_fp32):
     cap, mask = ours_fp32
     lengths = [len(e) for e in expected]
     assert lengths[3] == 512 and mask.sum(1).tolist() == lengths
+    assert torch.equal(mask, torch.arange(512) < mask.sum(1, keepdim=True))  # real tokens first
     assert cap.shape == (len(PROMPTS), 512, tiny["hidden_size"]) and cap.dtype == torch.float32
     for row, m, e in zip(cap, mask, expected):
         assert (row[m] - e).norm() / e.norm() < 1e-5
