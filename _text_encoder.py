@@ -5,11 +5,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
-from model import CheckpointError, assign_weights, read_tensors, safetensors_files
+from model import CheckpointError, assign_weights, component_dir, read_tensors, safetensors_files, safetensors_shapes
 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Text encoder (Qwen3-4B through transformers; Z-Image reads the second-to-last hidden state)
@@ -86,7 +85,8 @@ def qwen3_from_tensors(config: Qwen3Config, tensors, device="cpu", dtype=torch.b
     last = config.num_hidden_layers - 1
     model.layers, model.norm = model.layers[:last], nn.Identity()
     unused = ("lm_head.", f"layers.{last}.", "norm.")  # lm_head is tied to embed_tokens when a file carries it
-    kept = ((k, t) for k, t in ((k.removeprefix("model."), t) for k, t in tensors) if not k.startswith(unused))
+    renamed = ((k.removeprefix("model."), t) for k, t in tensors)
+    kept = ((k, t) for k, t in renamed if not k.startswith(unused))
     assign_weights(model, kept, "Qwen3 text encoder (model.*)", device=device, dtype=dtype)
     # inv_freq is a non-persistent buffer: no checkpoint holds it and meta init left it empty; build it for real.
     model.rotary_emb = Qwen3RotaryEmbedding(config).to(device)
@@ -111,12 +111,10 @@ def load_text_encoder(path, device="cpu", dtype=torch.bfloat16, tokenizer=None) 
     """
     path = Path(path)
     if path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            config = qwen3_config_from_shapes({k: f.get_slice(k).get_shape() for k in f.keys()})
+        config = qwen3_config_from_shapes(safetensors_shapes([path]))
         files, tok_folder = [path], _tokenizer_folder(tokenizer, path.parent / "tokenizer")
     elif path.is_dir():
-        if (path / "text_encoder").is_dir():
-            path = path / "text_encoder"
+        path = component_dir(path, "text_encoder")
         if not (path / "config.json").exists():
             raise CheckpointError(f"{path} holds neither text_encoder/ nor config.json (found "
                                   f"{sorted(p.name for p in path.iterdir())[:8]}); pass the Z-Image repo root, "

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import CheckpointError, assign_weights, config_from_json, read_tensors, safetensors_files, safetensors_keys
+from model import (CheckpointError, assign_weights, component_dir, config_from_json, read_tensors, safetensors_files,
+                   safetensors_shapes)
 
 
 @dataclass
@@ -209,38 +210,37 @@ def flux_vae_from_ldm(items: Iterable[tuple[str, torch.Tensor]], levels: int = 4
         yield key, tensor
 
 
-def vae_layout(keys: list[str]) -> tuple[str, str]:
-    """('diffusers' or 'ldm', key prefix), read from the names alone."""
-    names = set(keys)
+def vae_naming(keys: Iterable[str]) -> tuple[str, str]:
+    """('diffusers' or 'LDM', key prefix), read from the names alone."""
+    keys = set(keys)
     for prefix in ("", "first_stage_model.", "vae."):
-        if f"{prefix}decoder.mid_block.resnets.0.conv1.weight" in names:
+        if f"{prefix}decoder.mid_block.resnets.0.conv1.weight" in keys:
             return "diffusers", prefix
-        if f"{prefix}decoder.mid.block_1.conv1.weight" in names:
-            return "ldm", prefix
+        if f"{prefix}decoder.mid.block_1.conv1.weight" in keys:
+            return "LDM", prefix
     raise CheckpointError(
         f"not a VAE checkpoint: none of its {len(keys)} tensors is a VAE decoder's (first keys: {sorted(keys)[:3]}). "
         "Pass the Z-Image repo root, its vae/ folder, or FLUX.1's ae.safetensors")
 
 
 def load_vae(path, device="cpu", dtype=torch.float32, config: FluxVAEConfig | None = None) -> FluxVAE:
-    """Load from a repo root (with vae/), a diffusers vae folder, or one .safetensors file in either naming.
+    """Load from a repo root (with vae/), a diffusers vae folder (sharded or not), or one .safetensors file in
+    diffusers or LDM (FLUX.1 ae.safetensors) names, optionally prefixed 'first_stage_model.' or 'vae.'.
 
-    config: the architecture, when not FLUX.1's; default is the folder's config.json, else FluxVAEConfig().
+    config: the architecture when it is not FLUX.1's; by default the folder's config.json, else FluxVAEConfig().
     """
-    path = Path(path)
-    if (path / "vae").is_dir():
-        path = path / "vae"
+    path = component_dir(path, "vae")
+    if not (path.is_dir() or path.suffix == ".safetensors" and path.exists()):
+        raise CheckpointError(f"{path}: expected a repo root, a vae folder or an existing .safetensors file")
     files = safetensors_files(path) if path.is_dir() else [path]
     if config is None:
-        has_json = path.is_dir() and (path / "config.json").exists()
-        config = config_from_json(FluxVAEConfig, path / "config.json") if has_json else FluxVAEConfig()
-    naming, prefix = vae_layout(safetensors_keys(files))
-    layout = ("ae.safetensors (LDM naming)" if naming == "ldm" else
-              "diffusers folder" if path.is_dir() else "diffusers single file")
-    layout += f", prefix '{prefix}'" if prefix else ""
+        config_file = path / "config.json"
+        config = config_from_json(FluxVAEConfig, config_file) if config_file.exists() else FluxVAEConfig()
+    naming, prefix = vae_naming(safetensors_shapes(files))
+    layout = f"{'folder' if path.is_dir() else 'single file'}, {naming} names" + (f", prefix '{prefix}'" if prefix else "")
     with torch.device("meta"):
         vae = FluxVAE(config)
     tensors = read_tensors(files, strip_prefix=prefix)
-    if naming == "ldm":
+    if naming == "LDM":
         tensors = flux_vae_from_ldm(tensors, levels=len(config.block_out_channels))
     return assign_weights(vae, tensors, layout, device=device, dtype=dtype).eval()

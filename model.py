@@ -17,7 +17,8 @@ Sections
 
 import json
 import math
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -129,6 +130,7 @@ class ZImageConfig:
     rope_theta: float = 256.0
     t_scale: float = 1000.0
     axes_dims: tuple[int, ...] = (32, 48, 48)
+    pixel_head: bool = False  # True: the L2P pixel model (Detailer Head instead of the final layer), see section 3
 
     @property
     def ffn_dim(self) -> int:
@@ -184,6 +186,7 @@ class FinalLayer(nn.Module):
 
 class ZImageDiT(nn.Module):
     """Z-Image's single-stream DiT. forward(x, sigma, cap, cap_mask) -> v = eps - x0 (the negated raw output).
+    With cfg.pixel_head it is the L2P pixel model: RGB patches in, the Detailer Head out (section 3).
 
     Sequence per sample: [image tokens, image pads | caption tokens, caption pads | batch padding]. Image and
     caption pads are real tokens (learned pad embeddings that attend and are attended to, as in the source); only
@@ -197,7 +200,10 @@ class ZImageDiT(nn.Module):
         assert dim // cfg.n_heads == sum(cfg.axes_dims), "head_dim must equal the sum of the RoPE axes"
         block = lambda modulated: DiTBlock(dim, cfg.n_heads, cfg.ffn_dim, cfg.norm_eps, cfg.adaln_dim, modulated)
         self.all_x_embedder = nn.ModuleDict({f"{p}-1": nn.Linear(p * p * cfg.in_channels, dim)})
-        self.all_final_layer = nn.ModuleDict({f"{p}-1": FinalLayer(dim, p * p * cfg.in_channels, cfg.adaln_dim)})
+        if cfg.pixel_head:
+            self.local_decoder = DetailerHead(cfg.in_channels, dim, p)
+        else:
+            self.all_final_layer = nn.ModuleDict({f"{p}-1": FinalLayer(dim, p * p * cfg.in_channels, cfg.adaln_dim)})
         self.t_embedder = TimestepEmbedder(cfg.adaln_dim)
         self.cap_embedder = nn.Sequential(nn.RMSNorm(cfg.cap_feat_dim, eps=cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, dim))
         self.x_pad_token = nn.Parameter(torch.zeros(1, dim))
@@ -270,15 +276,95 @@ class ZImageDiT(nn.Module):
         return joint[:, :N], adaln
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor, cap_mask: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W] latent, sigma [B] (1 = noise), cap [B, L, cap_feat_dim], cap_mask [B, L] -> v fp32."""
+        """x [B, C, H, W] (latent, or pixels for L2P), sigma [B] (1 = noise), cap [B, L, cap_feat_dim],
+        cap_mask [B, L] bool -> v = eps - x0 [B, C, H, W] fp32."""
         p = self.cfg.patch_size
         B, C, H, W = x.shape
         if C != self.cfg.in_channels or H % p or W % p:
             raise ValueError(f"input {tuple(x.shape)}: expected {self.cfg.in_channels} channels and H, W multiples of "
                              f"the patch {p}")
         hidden, adaln = self.transformer(patchify(x, p), (H // p, W // p), sigma, cap, cap_mask)
-        out = self.all_final_layer[f"{p}-1"](hidden, adaln)  # the source predicts x0 - eps
-        return -unpatchify(out, p, H, W).float()
+        if self.cfg.pixel_head:  # L2P: raw last-layer tokens as a [B, dim, H/p, W/p] map, decoded with the noisy image
+            out = self.local_decoder(x.to(hidden.dtype), hidden.transpose(1, 2).unflatten(2, (H // p, W // p)))
+        else:
+            out = unpatchify(self.all_final_layer[f"{p}-1"](hidden, adaln), p, H, W)
+        return -out.float()  # both networks predict x0 - eps, as the source does
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. L2P head: the pixel model = the Z-Image transformer on p x p RGB patches + a conv U-Net "Detailer Head"
+# ----------------------------------------------------------------------------------------------------------------
+
+# Levels of the head, shallow -> deep: (name suffix, channels). One 2x max-pool per level, so the bottleneck lands
+# on the token grid: 4 levels at p = 16 (released 1K layout), 6 at p = 64 (released 4K layout); 32 and 128 follow
+# the same rule (halving channels at each extra shallow level).
+DETAILER_LEVELS = (("0a", 8), ("0", 16), ("0b", 32), ("1", 64), ("2", 128), ("3", 256), ("4", 512))
+
+
+def conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel_size=3, padding=1)
+
+
+class DetailerHead(nn.Module):
+    """U-Net over the full-resolution noisy image; the DiT's token map joins at the bottleneck. No timestep input.
+
+    encoder: enc{i} = Conv3x3 + SiLU (skip taken here), then MaxPool 2x, down to H/p
+    bottleneck: Conv1x1 (512 + dim -> 512) + SiLU on [pooled features, token map]
+    decoder: up{i} = nearest 2x + Conv3x3; dec{i} = Conv3x3 + SiLU on [up, skip]; out_conv 1x1 -> in_channels
+    """
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int):
+        super().__init__()
+        n = int(math.log2(patch_size))
+        if 2 ** n != patch_size or not 4 <= n <= len(DETAILER_LEVELS):
+            raise ValueError(f"the Detailer Head needs a patch of 16, 32, 64 or 128 pixels, got {patch_size}")
+        self.levels = DETAILER_LEVELS[-n:]
+        widths = [c for _, c in self.levels]
+        for i, (name, width) in enumerate(self.levels):
+            self.add_module(f"enc{name}", nn.Sequential(conv3x3(widths[i - 1] if i else in_channels, width), nn.SiLU()))
+            self.add_module(f"up{name}", nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                                       conv3x3(width, width)))
+            self.add_module(f"dec{name}", nn.Sequential(conv3x3(2 * width, widths[max(i - 1, 0)]), nn.SiLU()))
+        self.bottleneck = nn.Sequential(nn.Conv2d(widths[-1] + dim, widths[-1], kernel_size=1), nn.SiLU())
+        self.out_conv = nn.Conv2d(widths[0], in_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, token_map: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] noisy pixels, token_map [B, dim, H/p, W/p] -> [B, C, H, W] (x0 - eps, the source's sign)."""
+        skips = []
+        for name, _ in self.levels:
+            skips.append(getattr(self, f"enc{name}")(x))
+            x = F.max_pool2d(skips[-1], 2)
+        x = self.bottleneck(torch.cat([x, token_map], dim=1))
+        for (name, _), skip in zip(reversed(self.levels), reversed(skips)):
+            x = getattr(self, f"dec{name}")(torch.cat([getattr(self, f"up{name}")(x), skip], dim=1))
+        return self.out_conv(x)
+
+
+def l2p_config(source: ZImageConfig, patch_size: int = 16) -> ZImageConfig:
+    """The pixel model made from a latent source: same transformer, RGB patches of p x p, the Detailer Head."""
+    return replace(source, in_channels=3, patch_size=patch_size, pixel_head=True)
+
+
+def set_trainable(model: "ZImageDiT", train_blocks: int = 5, strict: bool = False) -> tuple[int, int]:
+    """The L2P freeze policy, in one place. Returns (trainable, frozen) parameter counts.
+
+    Default (the released code): main layers [n, n_layers - n) frozen, everything else in the DiT trains (first
+    and last n layers, refiners, timestep and caption embedders, pad tokens, patch embedder, head).
+    strict (the paper's wording): only the patch embedder, the first and last n layers and the head train.
+    """
+    n_layers = model.cfg.n_layers
+    if not 0 <= 2 * train_blocks <= n_layers:
+        raise ValueError(f"--train-blocks {train_blocks}: needs 0 <= 2n <= {n_layers} layers")
+    frozen_layers = {f"layers.{i}." for i in range(train_blocks, n_layers - train_blocks)}
+    trainable_prefixes = ("all_x_embedder.", "local_decoder.", "all_final_layer.")
+    trainable_prefixes += tuple(f"layers.{i}." for i in range(n_layers) if f"layers.{i}." not in frozen_layers)
+    for name, p in model.named_parameters():
+        if strict:
+            p.requires_grad_(name.startswith(trainable_prefixes))
+        else:
+            p.requires_grad_(not name.startswith(tuple(frozen_layers)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters()) - trainable
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -332,8 +418,9 @@ def safetensors_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v["shape"]) for file in files for k, v in safetensors_header(file)[0].items()}
 
 
-def read_tensors(files: Iterable[Path], strip_prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (key, tensor) one at a time, each read into its own fresh memory.
+def read_tensors(files: Iterable[Path], strip_prefix: str = "", meta: bool = False
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (key, tensor) one at a time, each read into its own fresh memory; meta=True reads headers only.
 
     Plain reads instead of a memory map: the caller then holds exactly the tensors it keeps (a cast frees the
     original at once), and no mapped file pages pile up in the resident set while a 24 GB checkpoint streams.
@@ -342,13 +429,57 @@ def read_tensors(files: Iterable[Path], strip_prefix: str = "") -> Iterator[tupl
         header, start = safetensors_header(file)
         with open(file, "rb") as f:
             for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+                if meta:
+                    yield key.removeprefix(strip_prefix), torch.empty(shape, dtype=dtype, device="meta")
+                    continue
                 begin, end = info["data_offsets"]
                 buffer = torch.empty(end - begin, dtype=torch.uint8)
                 f.seek(start + begin)
                 if f.readinto(buffer.numpy()) != end - begin:
                     raise CheckpointError(f"{file} is truncated at tensor {key}; download it again")
-                tensor = buffer.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-                yield key.removeprefix(strip_prefix), tensor
+                yield key.removeprefix(strip_prefix), buffer.view(dtype).reshape(shape)
+
+
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None,
+                      specs: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a .safetensors file atomically (temp file + rename), streaming: one tensor in memory at a time.
+
+    The header comes first in the format, so a streamed write needs `specs` (key -> a meta tensor with the dtype
+    and shape, in the order `tensors` will yield them); without specs, `tensors` is a dict and is its own spec.
+    """
+    if specs is None:
+        tensors = dict(tensors)
+        specs = tensors
+        tensors = tensors.items()
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": dict(metadata or {})}, 0
+    for key, spec in specs.items():
+        size = spec.numel() * spec.element_size()
+        header[key] = {"dtype": names[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(header_bytes).to_bytes(8, "little"))
+            f.write(header_bytes)
+            order = iter(specs.items())
+            for key, tensor in tensors:
+                expected_key, spec = next(order, (None, None))
+                if key != expected_key or tensor.dtype != spec.dtype or tensor.shape != spec.shape:
+                    raise ValueError(f"tensor {key} {tensor.dtype} {tuple(tensor.shape)} does not follow the header "
+                                     f"({expected_key})")
+                f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+            if next(order, None) is not None:
+                raise ValueError(f"{path}: fewer tensors than the header announced")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def assign_weights(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], layout: str,
@@ -400,7 +531,8 @@ def component_dir(path: Path, component: str) -> Path:
 COMFY_PREFIX = "model.diffusion_model."
 
 
-def zimage_config_from_shapes(shapes: dict[str, tuple[int, ...]], patch_size: int, in_channels: int) -> ZImageConfig:
+def zimage_config_from_shapes(shapes: dict[str, tuple[int, ...]], patch_size: int, in_channels: int,
+                              pixel_head: bool = False) -> ZImageConfig:
     count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix + ".")})
     dim, cap_feat_dim = shapes["cap_embedder.1.weight"]
     head_dim = shapes["layers.0.attention.norm_q.weight"][0]
@@ -408,7 +540,7 @@ def zimage_config_from_shapes(shapes: dict[str, tuple[int, ...]], patch_size: in
     axes_dims = (head_dim // 4, head_dim * 3 // 8, head_dim - head_dim // 4 - head_dim * 3 // 8)
     return ZImageConfig(in_channels=in_channels, patch_size=patch_size, dim=dim, n_layers=count("layers"),
                         n_refiner_layers=count("noise_refiner"), n_heads=dim // head_dim, cap_feat_dim=cap_feat_dim,
-                        axes_dims=axes_dims)
+                        axes_dims=axes_dims, pixel_head=pixel_head)
 
 
 def zimage_from_comfy(tensors: Iterable[tuple[str, torch.Tensor]], patch_size: int):
@@ -435,16 +567,31 @@ def zimage_from_comfy(tensors: Iterable[tuple[str, torch.Tensor]], patch_size: i
 
 
 def _normalise_dit_keys(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Shapes of a single-file checkpoint under diffusers names (for config inference; no tensor is read)."""
+    """Shapes of a ComfyUI single file under diffusers names (for config inference; no tensor is read)."""
     meta = ((k, torch.empty(s, device="meta")) for k, s in shapes.items())
-    return {k: tuple(t.shape) for k, t in zimage_from_comfy(meta, patch_size=0)}
+    return {k: tuple(t.shape) for k, t in zimage_from_comfy(meta, patch_size=2)}  # ComfyUI files are latent, p = 2
 
 
-def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Load a Z-Image DiT from a repo root, a transformer/ folder (sharded or not) or a single .safetensors file.
+@dataclass
+class DiTCheckpoint:
+    """A DiT checkpoint on disk: its config, which layout it is in, and its tensors under our (diffusers) names."""
+    cfg: ZImageConfig
+    layout: str
+    files: list[Path]
+    strip_prefix: str = ""
+    comfy: bool = False
 
-    Single files may use diffusers names or ComfyUI names (fused qkv, optional 'model.diffusion_model.' prefix);
-    their config is inferred from the shapes. Mixed dtypes are cast to `dtype` tensor by tensor.
+    def tensors(self, meta: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        tensors = read_tensors(self.files, self.strip_prefix, meta=meta)
+        return zimage_from_comfy(tensors, self.cfg.patch_size) if self.comfy else tensors
+
+
+def open_dit_checkpoint(path) -> DiTCheckpoint:
+    """Detect the layout of a Z-Image or L2P checkpoint from its config or its keys; reads no tensor data.
+
+    Accepts a Z-Image repo root, a transformer/ folder (sharded or not), or a single .safetensors file: diffusers
+    names, ComfyUI names (fused qkv, optional 'model.diffusion_model.' prefix), or an L2P checkpoint (ours from
+    convert.py, or the released merged 1K / 4K files). Single files get their config from the tensor shapes.
     """
     path = Path(path)
     if not path.exists():
@@ -462,33 +609,36 @@ def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> nn.Mo
         if raw.get("all_patch_size", [2]) != [2] or raw.get("all_f_patch_size", [1]) != [1]:
             raise CheckpointError(f"{config_file}: only the single 2x2 latent patch of Z-Image is supported, got "
                                   f"{raw.get('all_patch_size')}")
-        cfg = config_from_json(ZImageConfig, config_file)
-        files, layout, strip, comfy = safetensors_files(folder), "diffusers folder", "", False
-    elif path.suffix == ".safetensors":
-        files = [path]
-        shapes = safetensors_shapes(files)
-        strip = COMFY_PREFIX if shapes and all(k.startswith(COMFY_PREFIX) for k in shapes) else ""
-        shapes = {k.removeprefix(strip): s for k, s in shapes.items()}
-        comfy = any(k.endswith(".attention.qkv.weight") for k in shapes)
-        layout = ("single file, ComfyUI names" if comfy else "single file, diffusers names") + (
-            f", prefix '{strip}'" if strip else "")
-        names = _normalise_dit_keys(shapes) if comfy else shapes
-        embedder = next((k for k in names if k.startswith("all_x_embedder.") and k.endswith(".weight")),
-                        "x_embedder.weight" if "x_embedder.weight" in names else None)
-        if embedder is None or "cap_embedder.1.weight" not in names or "layers.0.attention.norm_q.weight" not in names:
-            raise CheckpointError(f"{path} (read as {layout}) is not a Z-Image transformer: no patch embedder / "
-                                  f"caption embedder / layers.0 among its {len(shapes)} keys (first: "
-                                  f"{list(shapes)[:5]}). Pass a Z-Image transformer file, folder or repo root")
-        patch_size = int(round(math.sqrt(names[embedder][1] / 16)))
-        cfg = zimage_config_from_shapes(names, patch_size=patch_size, in_channels=16)
-    else:
+        return DiTCheckpoint(config_from_json(ZImageConfig, config_file), "diffusers folder", safetensors_files(folder))
+    if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: expected a folder or a .safetensors file")
+    shapes = safetensors_shapes([path])
+    strip = COMFY_PREFIX if shapes and all(k.startswith(COMFY_PREFIX) for k in shapes) else ""
+    shapes = {k.removeprefix(strip): s for k, s in shapes.items()}
+    comfy = any(k.endswith(".attention.qkv.weight") for k in shapes)
+    names = _normalise_dit_keys(shapes) if comfy else shapes
+    pixel_head = any(k.startswith("local_decoder.") for k in names)
+    layout = ("L2P pixel checkpoint" if pixel_head else "single file") + (
+        ", ComfyUI names" if comfy else ", diffusers names") + (f", prefix '{strip}'" if strip else "")
+    embedder = next((k for k in names if k.startswith("all_x_embedder.") and k.endswith("-1.weight")), None)
+    if embedder is None or "cap_embedder.1.weight" not in names or "layers.0.attention.norm_q.weight" not in names:
+        raise CheckpointError(f"{path} (read as {layout}) is not a Z-Image or L2P transformer: no patch embedder / "
+                              f"caption embedder / layers.0 among its {len(shapes)} keys (first: {list(shapes)[:5]}). "
+                              "Pass a Z-Image transformer or an L2P checkpoint")
+    patch_size = int(embedder.split(".")[1].split("-")[0])
+    cfg = zimage_config_from_shapes(names, patch_size, in_channels=names[embedder][1] // patch_size ** 2,
+                                    pixel_head=pixel_head)
+    return DiTCheckpoint(cfg, layout, [path], strip, comfy)
+
+
+def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> ZImageDiT:
+    """A Z-Image DiT or an L2P pixel model from any layout open_dit_checkpoint reads; forward(x, sigma, cap,
+    cap_mask) -> v either way. Mixed dtypes (the released L2P files mix F32 and bf16) are cast to `dtype`.
+    """
+    checkpoint = open_dit_checkpoint(path)
     with torch.device("meta"):
-        model = ZImageDiT(cfg)
-    tensors = read_tensors(files, strip_prefix=strip)
-    if comfy:
-        tensors = zimage_from_comfy(tensors, cfg.patch_size)
-    return assign_weights(model, tensors, layout, device=device, dtype=dtype).eval()
+        model = ZImageDiT(checkpoint.cfg)
+    return assign_weights(model, checkpoint.tensors(), checkpoint.layout, device=device, dtype=dtype).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """The Z-Image DiT against diffusers' ZImageTransformer2DModel, from every published layout."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import model
-from tiny import TINY_DIT, make_diffusers_dit, read_format, save_single_file, to_comfy
+from tiny import make_diffusers_dit, read_format, save_single_file, to_comfy, write_random_dit_folder
 
 CAP_LENS = (1, 7, 33, 64)  # one batch mixing caption lengths: 1, 2 and 3 padded runs of 32
 
@@ -135,7 +134,7 @@ def test_errors_name_layout_and_keys(ref, tmp_path):
                                                     r"extra\.weight"):
         model.load_model(path, dtype=torch.float32)
     save_file({"encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)}, str(tmp_path / "vae.safetensors"))
-    with pytest.raises(model.CheckpointError, match="not a Z-Image transformer"):
+    with pytest.raises(model.CheckpointError, match="not a Z-Image or L2P transformer"):
         model.load_model(tmp_path / "vae.safetensors")
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
@@ -186,35 +185,10 @@ print((kib("VmHWM") - base) * 1024)
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_loading_a_sharded_checkpoint_holds_about_one_copy(tmp_path, dtype):
-    """~200 MB of random fp32 shards; the loader's peak RSS growth is compared with the checkpoint size."""
-    config = {**TINY_DIT, "_class_name": "ZImageTransformer2DModel", "dim": 512, "n_heads": 16, "n_layers": 8,
-              "cap_feat_dim": 256}
-    with torch.device("meta"):
-        shapes = model.ZImageDiT(model.config_from_json(model.ZImageConfig, _write_json(tmp_path / "c.json", config)))
-    folder = tmp_path / "transformer"
-    folder.mkdir()
-    _write_json(folder / "config.json", config)
-    groups, group = [], []
-    for key, t in shapes.state_dict().items():
-        group.append((key, t.shape))
-        if sum(math.prod(s) for _, s in group) * 4 > 60e6:
-            groups.append(group)
-            group = []
-    groups.append(group)
-    weight_map, size = {}, 0
-    for i, group in enumerate(groups):
-        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file({k: torch.randn(s) for k, s in group}, str(folder / name))
-        weight_map.update({k: name for k, _ in group})
-        size += sum(math.prod(s) * 4 for _, s in group)
-    _write_json(folder / "diffusion_pytorch_model.safetensors.index.json", {"weight_map": weight_map})
+    """~180 MB of random fp32 shards; the loader's peak RSS growth is compared with the checkpoint size."""
+    folder, size, n_shards = write_random_dit_folder(tmp_path / "transformer")
     out = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(folder), dtype], capture_output=True, text=True,
                          check=True, cwd=str(Path(model.__file__).parent))
     ratio = int(out.stdout.split()[-1]) / size
-    print(f"checkpoint {size / 1e6:.0f} MB in {len(groups)} shards, loaded as {dtype}: peak RSS growth {ratio:.2f}x")
+    print(f"checkpoint {size / 1e6:.0f} MB in {n_shards} shards, loaded as {dtype}: peak RSS growth {ratio:.2f}x")
     assert size > 150e6 and ratio < 1.3
-
-
-def _write_json(path, obj):
-    path.write_text(json.dumps(obj))
-    return path

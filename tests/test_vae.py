@@ -111,11 +111,11 @@ def test_matches_diffusers_fp32(tiny, layout):
 def test_bf16_close_to_diffusers_fp32(tiny):
     vae = load_vae(tiny["paths"]["ae.safetensors"], dtype=torch.bfloat16, config=TINY_CONFIG)
     assert all(p.dtype == torch.bfloat16 for p in vae.parameters())
-    with torch.no_grad():
-        latent, img = vae.encode(tiny["img"]), vae.decode(tiny["z"])
+    with torch.no_grad():  # one sample: bf16 convolutions are slow on CPU
+        latent, img = vae.encode(tiny["img"][:1]), vae.decode(tiny["z"][:1])
     assert latent.dtype == img.dtype == torch.bfloat16
-    assert rel_err(latent, tiny["ref_latent"]) < 3e-2
-    assert rel_err(img, tiny["ref_img"]) < 3e-2
+    assert rel_err(latent, tiny["ref_latent"][:1]) < 3e-2
+    assert rel_err(img, tiny["ref_img"][:1]) < 3e-2
 
 
 def test_encode_rejects_sizes_not_multiple_of_8(tiny):
@@ -133,13 +133,13 @@ def test_missing_key_names_layout_and_key(tiny, tmp_path):
     state = load_file(str(tiny["paths"]["diffusers single file"]))
     del state["decoder.mid_block.attentions.0.to_q.weight"]
     save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"diffusers folder.*decoder\.mid_block\.attentions\.0\.to_q\.weight"):
+    with pytest.raises(CheckpointError, match=r"folder, diffusers names.*decoder\.mid_block\.attentions\.0\.to_q\.weight"):
         load_vae(folder)
 
 
 def test_tiny_file_does_not_fit_flux_shapes(tiny):
     # a single file brings no config: without one it must fit FLUX.1's shapes, and says so when it does not
-    with pytest.raises(CheckpointError, match=r"ae\.safetensors \(LDM naming\).*wrong shape"):
+    with pytest.raises(CheckpointError, match=r"single file, LDM names.*wrong shape"):
         load_vae(tiny["paths"]["ae.safetensors"])
 
 

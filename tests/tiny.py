@@ -1,5 +1,7 @@
 """Tiny random checkpoints in the exact published layouts, built in the test (nothing is downloaded)."""
 
+import json
+import math
 from pathlib import Path
 
 import torch
@@ -65,3 +67,33 @@ def to_comfy(state: dict[str, torch.Tensor], prefix: str = "", norm_final: bool 
 def save_single_file(state: dict[str, torch.Tensor], path: Path) -> Path:
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+def write_random_dit_folder(folder: Path, dim: int = 512, n_layers: int = 8, shard_bytes: float = 60e6):
+    """A Z-Image transformer/ folder of a few hundred MB of random fp32 shards + index, for memory checks.
+
+    Returns (folder, size in bytes, number of shards).
+    """
+    import model
+
+    config = {**TINY_DIT, "_class_name": "ZImageTransformer2DModel", "dim": dim, "n_heads": dim // 32,
+              "n_layers": n_layers, "cap_feat_dim": 256}
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    with torch.device("meta"):
+        shapes = model.ZImageDiT(model.config_from_json(model.ZImageConfig, folder / "config.json")).state_dict()
+    groups, group = [], []
+    for key, t in shapes.items():
+        group.append((key, t.shape))
+        if sum(math.prod(s) for _, s in group) * 4 > shard_bytes:
+            groups.append(group)
+            group = []
+    groups.append(group)
+    weight_map, size = {}, 0
+    for i, group in enumerate(groups):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: torch.randn(s) for k, s in group}, str(folder / name))
+        weight_map.update({k: name for k, _ in group})
+        size += sum(math.prod(s) * 4 for _, s in group)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder, size, len(groups)
