@@ -18,6 +18,7 @@ Sections
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -368,6 +369,229 @@ def set_trainable(model: "ZImageDiT", train_blocks: int = 5, strict: bool = Fals
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 4. VAE (FLUX.1 AutoencoderKL, the autoencoder of Z-Image; module names follow diffusers so its folders load as-is)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FluxVAEConfig:
+    # field names are the keys of diffusers' vae/config.json, so config_from_json reads it directly
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+
+def vae_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, groups: int):
+        super().__init__()
+        self.norm1 = vae_norm(c_in, groups)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = vae_norm(c_out, groups)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x):  # [B, c_in, H, W] -> [B, c_out, H, W]
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class MidAttention(nn.Module):
+    """Single-head self-attention over all H*W positions, the channels being the head dimension."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = vae_norm(channels, groups)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # diffusers' to_out.1 is a weightless dropout
+
+    def forward(self, x):  # [B, C, H, W] -> [B, C, H, W]
+        B, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, HW, C]
+        h = self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1))  # [B, HW, C]
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):  # [B, C, H, W] -> [B, C, H/2, W/2]
+        # pad right/bottom only (as the original LDM code): an even size then halves exactly
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):  # [B, C, H, W] -> [B, C, 2H, 2W]
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, n_resnets: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out, groups) for j in range(n_resnets))
+        self.downsamplers = nn.ModuleList([Downsample(c_out)] if downsample else [])
+
+    def forward(self, x):
+        for layer in (*self.resnets, *self.downsamplers):
+            x = layer(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, n_resnets: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out, groups) for j in range(n_resnets))
+        self.upsamplers = nn.ModuleList([Upsample(c_out)] if upsample else [])
+
+    def forward(self, x):
+        for layer in (*self.resnets, *self.upsamplers):
+            x = layer(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups), ResnetBlock(channels, channels, groups)])
+        self.attentions = nn.ModuleList([MidAttention(channels, groups)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class VAEEncoder(nn.Module):
+    def __init__(self, cfg: FluxVAEConfig):
+        super().__init__()
+        ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, downsample=i < n - 1) for i in range(n))
+        self.mid_block = MidBlock(ch[-1], g)
+        self.conv_norm_out = vae_norm(ch[-1], g)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # posterior mean and log-variance
+
+    def forward(self, img):  # [B, in, H, W] -> [B, 2 * latent, H/8, W/8]
+        x = self.conv_in(img)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, cfg: FluxVAEConfig):
+        super().__init__()
+        ch, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)  # latent end first
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], g)
+        self.up_blocks = nn.ModuleList(
+            UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, upsample=i < n - 1) for i in range(n))
+        self.conv_norm_out = vae_norm(ch[-1], g)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z):  # [B, latent, h, w] -> [B, out, 8h, 8w]
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class FluxVAE(nn.Module):
+    """encode: image in [-1, 1] -> the latent the DiT sees; decode: the inverse (output not clamped)."""
+
+    def __init__(self, cfg: FluxVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = VAEEncoder(cfg)
+        self.decoder = VAEDecoder(cfg)
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.cfg.block_out_channels) - 1)
+
+    def encode(self, img):  # [B, 3, H, W] -> [B, 16, H/8, W/8]
+        H, W = img.shape[-2:]
+        if H % self.downscale or W % self.downscale:
+            raise ValueError(f"image size {H}x{W} is not a multiple of {self.downscale}; crop or resize it first")
+        # the posterior mean, not a sample: FLUX and Z-Image encode deterministically
+        mean = self.encoder(img.to(self.encoder.conv_in.weight.dtype))[:, :self.cfg.latent_channels]
+        return (mean - self.cfg.shift_factor) * self.cfg.scaling_factor
+
+    def decode(self, latent):  # [B, 16, h, w] -> [B, 3, 8h, 8w]
+        z = latent / self.cfg.scaling_factor + self.cfg.shift_factor  # in the caller's precision, then cast once
+        return self.decoder(z.to(self.decoder.conv_in.weight.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Text encoder (Qwen3-4B through transformers; Z-Image reads the second-to-last hidden state)
+# ----------------------------------------------------------------------------------------------------------------
+
+# transformers is imported inside the functions below: it takes seconds to import, and most runs (training on cached
+# features, sampling after encoding) never touch the text encoder.
+
+# What a config-less single file (ComfyUI's qwen_3_4b.safetensors) is read with, when its shapes do not say otherwise.
+QWEN3_4B_DEFAULTS = dict(max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                         rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+class TextEncoder:
+    """encode(prompts) -> (cap [B, L, hidden], cap_mask [B, L] bool), L = longest prompt in tokens (<= 512).
+
+    Same features as diffusers' ZImagePipeline._encode_prompt. It pads every prompt to 512 tokens; with right
+    padding and causal attention the real tokens never see the pads, so padding to the longest prompt gives the
+    same rows for a fraction of the compute.
+    """
+    max_length = 512
+
+    def __init__(self, tokenizer, model: "Qwen3Model"):
+        self.tokenizer, self.model = tokenizer, model
+        self.tokenizer.padding_side = "right"  # real tokens first: the rows the DiT and the reference keep
+
+    @torch.no_grad()  # not inference_mode: the features feed DiT training graphs, which must be able to save them
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.model is None:
+            raise RuntimeError("this TextEncoder was released; load it again to encode more prompts")
+        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                    add_generation_prompt=True, enable_thinking=True)
+                 for p in prompts]
+        batch = self.tokenizer(texts, padding="longest", max_length=self.max_length, truncation=True,
+                               return_tensors="pt").to(self.device)
+        mask = batch.attention_mask.bool()
+        cap = self.model(input_ids=batch.input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return cap.masked_fill(~mask[..., None], 0), mask
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def to(self, device) -> "TextEncoder":
+        self.model.to(device)  # device only: the rotary inv_freq must stay fp32
+        return self
+
+    def release(self):
+        """Free the weights now (even if someone else holds the module): the DiT needs the memory next."""
+        self.model.to("meta")
+        self.model = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # 6. Loading (shared utilities; the per-model loaders sit at the end of this section)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -641,6 +865,151 @@ def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> ZImag
     return assign_weights(model, checkpoint.tensors(), checkpoint.layout, device=device, dtype=dtype).eval()
 
 
+# The original FLUX.1 ae.safetensors names the same weights the LDM way; these renames take it to ours.
+LDM_VAE_RENAMES = [
+    (r"\.norm_out\.", ".conv_norm_out."),
+    (r"\.nin_shortcut\.", ".conv_shortcut."),
+    (r"\.down\.(\d+)\.block\.", r".down_blocks.\1.resnets."),
+    (r"\.down\.(\d+)\.downsample\.", r".down_blocks.\1.downsamplers.0."),
+    (r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}."),
+    (r"\.mid\.attn_1\.norm\.", ".mid_block.attentions.0.group_norm."),
+    (r"\.mid\.attn_1\.([qkv])\.", r".mid_block.attentions.0.to_\1."),
+    (r"\.mid\.attn_1\.proj_out\.", ".mid_block.attentions.0.to_out.0."),
+]
+
+
+def flux_vae_from_ldm(items: Iterable[tuple[str, torch.Tensor]], levels: int = 4) -> Iterator[tuple[str, torch.Tensor]]:
+    """(LDM key, tensor) -> (diffusers key, tensor), prefix already stripped; `levels` = len(block_out_channels)."""
+    def up_level(m):
+        i = levels - 1 - int(m[1])  # LDM numbers decoder levels from the image end, diffusers from the latent end
+        return f".up_blocks.{i}.resnets." if m[2] == "block" else f".up_blocks.{i}.upsamplers.0."
+
+    for key, tensor in items:
+        for pattern, new in LDM_VAE_RENAMES:
+            key = re.sub(pattern, new, key)
+        key = re.sub(r"\.up\.(\d+)\.(block|upsample)\.", up_level, key)
+        if ".attentions.0.to_" in key and tensor.ndim == 4:
+            tensor = tensor.flatten(1)  # the LDM attention projections are 1x1 convs: [C, C, 1, 1] -> [C, C]
+        yield key, tensor
+
+
+def vae_naming(keys: Iterable[str]) -> tuple[str, str]:
+    """('diffusers' or 'LDM', key prefix), read from the names alone."""
+    keys = set(keys)
+    for prefix in ("", "first_stage_model.", "vae."):
+        if f"{prefix}decoder.mid_block.resnets.0.conv1.weight" in keys:
+            return "diffusers", prefix
+        if f"{prefix}decoder.mid.block_1.conv1.weight" in keys:
+            return "LDM", prefix
+    raise CheckpointError(
+        f"not a VAE checkpoint: none of its {len(keys)} tensors is a VAE decoder's (first keys: {sorted(keys)[:3]}). "
+        "Pass the Z-Image repo root, its vae/ folder, or FLUX.1's ae.safetensors")
+
+
+def load_vae(path, device="cpu", dtype=torch.float32, config: FluxVAEConfig | None = None) -> FluxVAE:
+    """Load from a repo root (with vae/), a diffusers vae folder (sharded or not), or one .safetensors file in
+    diffusers or LDM (FLUX.1 ae.safetensors) names, optionally prefixed 'first_stage_model.' or 'vae.'.
+
+    config: the architecture when it is not FLUX.1's; by default the folder's config.json, else FluxVAEConfig().
+    """
+    path = component_dir(path, "vae")
+    if not (path.is_dir() or path.suffix == ".safetensors" and path.exists()):
+        raise CheckpointError(f"{path}: expected a repo root, a vae folder or an existing .safetensors file")
+    files = safetensors_files(path) if path.is_dir() else [path]
+    if config is None:
+        config_file = path / "config.json"
+        config = config_from_json(FluxVAEConfig, config_file) if config_file.exists() else FluxVAEConfig()
+    naming, prefix = vae_naming(safetensors_shapes(files))
+    layout = f"{'folder' if path.is_dir() else 'single file'}, {naming} names"
+    layout += f", prefix '{prefix}'" if prefix else ""
+    with torch.device("meta"):
+        vae = FluxVAE(config)
+    tensors = read_tensors(files, strip_prefix=prefix)
+    if naming == "LDM":
+        tensors = flux_vae_from_ldm(tensors, levels=len(config.block_out_channels))
+    return assign_weights(vae, tensors, layout, device=device, dtype=dtype).eval()
+
+
+def qwen3_config_from_shapes(shapes: dict[str, tuple]) -> "Qwen3Config":
+    """The Qwen3 config of a checkpoint without config.json: sizes from tensor shapes, the rest Qwen3-4B's."""
+    from transformers import Qwen3Config
+
+    shapes = {k.removeprefix("model."): tuple(v) for k, v in shapes.items()}
+    if "embed_tokens.weight" not in shapes or "layers.0.self_attn.q_norm.weight" not in shapes:
+        raise CheckpointError(f"not a Qwen3 text encoder: no model.embed_tokens / layers.0.self_attn.q_norm among "
+                              f"keys {sorted(shapes)[:5]}")
+    vocab, hidden = shapes["embed_tokens.weight"]
+    head_dim = shapes["layers.0.self_attn.q_norm.weight"][0]
+    return Qwen3Config(vocab_size=vocab, hidden_size=hidden, head_dim=head_dim,
+                       num_hidden_layers=1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("layers.")),
+                       num_attention_heads=shapes["layers.0.self_attn.q_proj.weight"][0] // head_dim,
+                       num_key_value_heads=shapes["layers.0.self_attn.k_proj.weight"][0] // head_dim,
+                       intermediate_size=shapes["layers.0.mlp.gate_proj.weight"][0], **QWEN3_4B_DEFAULTS)
+
+
+def qwen3_from_tensors(config: "Qwen3Config", tensors, device="cpu", dtype=torch.bfloat16) -> "Qwen3Model":
+    """A Qwen3Model that returns hidden_states[-2] as its last_hidden_state, filled from published `model.*` keys.
+
+    Only that output is ever used, so the last decoder layer and the final norm are dropped (1/36 of the compute
+    and of the memory): the remaining layers' output is exactly hidden_states[-2] of the full model.
+    """
+    from transformers import Qwen3Model
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    with torch.device("meta"):
+        model = Qwen3Model(config)
+    last = config.num_hidden_layers - 1
+    model.layers, model.norm = model.layers[:last], nn.Identity()
+    unused = ("lm_head.", f"layers.{last}.", "norm.")  # lm_head is tied to embed_tokens when a file carries it
+    renamed = ((k.removeprefix("model."), t) for k, t in tensors)
+    kept = ((k, t) for k, t in renamed if not k.startswith(unused))
+    assign_weights(model, kept, "Qwen3 text encoder (model.*)", device=device, dtype=dtype)
+    # inv_freq is a non-persistent buffer: no checkpoint holds it and meta init left it empty; build it for real.
+    model.rotary_emb = Qwen3RotaryEmbedding(config).to(device)
+    return model.eval()
+
+
+def _tokenizer_folder(given, *fallbacks) -> Path:
+    """The tokenizer folder: `given` if the caller named one, else the first fallback holding tokenizer files."""
+    candidates = [Path(given)] if given is not None else fallbacks
+    for folder in candidates:
+        if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
+            return folder
+    raise CheckpointError(f"no tokenizer (tokenizer.json / tokenizer_config.json) in {[str(c) for c in candidates]}; "
+                          "pass tokenizer=<the Z-Image tokenizer/ folder>")
+
+
+def load_text_encoder(path, device="cpu", dtype=torch.bfloat16, tokenizer=None) -> TextEncoder:
+    """Load from a Z-Image repo root, its text_encoder/ folder, or a single qwen_3_4b.safetensors file.
+
+    The tokenizer comes from `tokenizer` (a folder) if given, else the repo's tokenizer/ folder (a sibling of
+    text_encoder/ or of the single file), else the text_encoder folder itself.
+    """
+    from transformers import AutoTokenizer, Qwen3Config
+
+    path = Path(path)
+    if path.is_file():
+        config = qwen3_config_from_shapes(safetensors_shapes([path]))
+        files, tok_folder = [path], _tokenizer_folder(tokenizer, path.parent / "tokenizer")
+    elif path.is_dir():
+        path = component_dir(path, "text_encoder")
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path} holds neither text_encoder/ nor config.json (found "
+                                  f"{sorted(p.name for p in path.iterdir())[:8]}); pass the Z-Image repo root, "
+                                  "its text_encoder/ folder or a qwen_3_4b.safetensors file")
+        raw = json.loads((path / "config.json").read_text())
+        if raw.get("model_type") != "qwen3":
+            kind = raw.get("_class_name") or raw.get("model_type") or "unknown"
+            raise CheckpointError(f"{path} is not a Qwen3 text encoder: found {kind} config with keys "
+                                  f"{sorted(raw)[:8]}; pass the Z-Image repo root or its text_encoder/ folder")
+        config = Qwen3Config.from_pretrained(path, local_files_only=True)
+        files, tok_folder = safetensors_files(path), _tokenizer_folder(tokenizer, path.parent / "tokenizer", path)
+    else:
+        raise CheckpointError(f"{path} does not exist")
+    model = qwen3_from_tensors(config, read_tensors(files), device=device, dtype=dtype)
+    return TextEncoder(AutoTokenizer.from_pretrained(tok_folder, local_files_only=True), model)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 7. Sampling
 # ----------------------------------------------------------------------------------------------------------------
@@ -703,3 +1072,31 @@ def sample(model: nn.Module, noise: torch.Tensor, cap: torch.Tensor, cap_mask: t
             v = v_neg + guidance * (v_pos - v_neg)
         x = x + (sigmas[i + 1] - sigmas[i]) * v.float()
     return x
+
+
+@torch.no_grad()
+def generate(model: ZImageDiT, cap: torch.Tensor, cap_mask: torch.Tensor, seeds: list[int], height: int, width: int,
+             steps: int, shift: float, guidance: float = 1.0, neg_cap: torch.Tensor | None = None,
+             neg_mask: torch.Tensor | None = None, vae: "FluxVAE | None" = None, cfg_batch: bool = True,
+             progress: bool = False) -> torch.Tensor:
+    """Prompt features -> images [B, 3, height, width] in [-1, 1] (fp32, unclamped), one seed per image.
+
+    A latent model (the Z-Image source) needs its `vae`: noise is drawn in latent space [16, H/8, W/8] and the
+    result decoded; the L2P pixel model draws its noise in pixels and needs no VAE.
+    """
+    scale = 1 if model.cfg.pixel_head else 8
+    if model.cfg.pixel_head == (vae is not None):
+        raise ValueError("a latent model needs its VAE to make images; a pixel model takes none")
+    multiple = scale * model.cfg.patch_size
+    if height % multiple or width % multiple:
+        raise ValueError(f"{width}x{height}: width and height must be multiples of {multiple} for this model "
+                         f"({'pixel patch' if scale == 1 else 'VAE x8 times latent patch'} {multiple})")
+    device = next(model.parameters()).device
+    noise = noise_for_seeds(seeds, (model.cfg.in_channels, height // scale, width // scale), device)
+    x = sample(model, noise, cap.to(device), cap_mask.to(device), steps, shift, guidance,
+               None if neg_cap is None else neg_cap.to(device), None if neg_mask is None else neg_mask.to(device),
+               cfg_batch=cfg_batch, progress=progress)
+    if vae is None:
+        return x
+    vae_dtype = next(vae.parameters()).dtype
+    return vae.decode(x.to(vae_dtype)).float()

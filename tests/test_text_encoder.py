@@ -7,14 +7,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, Qwen3Model
 
-try:
-    from model import CheckpointError, TextEncoder, load_text_encoder, qwen3_config_from_shapes, qwen3_from_tensors
-except ImportError:
-    from model import CheckpointError
-    from _text_encoder import TextEncoder, load_text_encoder, qwen3_config_from_shapes, qwen3_from_tensors
+from model import CheckpointError, TextEncoder, load_text_encoder, qwen3_config_from_shapes, qwen3_from_tensors
+from tiny import read_format
 from tiny_text import make_tiny_text_encoder
 
-FORMATS = Path(__file__).resolve().parents[1].parent / "shared" / "formats"
 PROMPTS = ["a photo of a cat sitting on a red chair",
            "",  # the CFG negative prompt
            "zebra quokka, xylophone!",
@@ -106,9 +102,7 @@ def test_helpful_errors(tiny, tmp_path):
 
 
 def test_qwen3_4b_on_meta_matches_published_keys():
-    lines = (FORMATS / "qwen3-4b-text-encoder.tsv").read_text().splitlines()
-    published = {key: tuple(int(n) for n in shape.strip("[]").split(","))
-                 for key, shape in (line.split("\t") for line in lines if not line.startswith("#"))}
+    published = read_format("qwen3-4b-text-encoder")
     config = qwen3_config_from_shapes(published)
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
             config.head_dim, config.intermediate_size, config.vocab_size) == (2560, 36, 32, 8, 128, 9728, 151936)

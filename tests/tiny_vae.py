@@ -31,13 +31,15 @@ def make_tiny_vae_diffusers(seed: int = 0):
             elif isinstance(module, (nn.Conv2d, nn.Linear)):
                 # attention projections at full scale, so that attention is far from uniform
                 gain = 0.1 if isinstance(module, nn.Conv2d) else 1.0
-                module.weight.copy_(gain * torch.randn(module.weight.shape, generator=gen) / module.weight[0].numel() ** 0.5)
+                std = gain / module.weight[0].numel() ** 0.5
+                module.weight.copy_(std * torch.randn(module.weight.shape, generator=gen))
                 module.bias.copy_(0.02 * torch.randn(module.bias.shape, generator=gen))
     return vae
 
 
 def save_tiny_vae(folder, seed: int = 0, max_shard_size="10GB"):
-    """Writes a diffusers vae folder (config.json + safetensors, sharded if max_shard_size is small); returns the model."""
+    """Writes a diffusers vae folder (config.json + safetensors, sharded when max_shard_size is small).
+    Returns the diffusers model."""
     vae = make_tiny_vae_diffusers(seed)
     vae.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
     return vae
