@@ -3,11 +3,15 @@ Turn a Z-Image checkpoint into the L2P pixel model's initial checkpoint, in the 
 
     python convert.py --src Z-Image-Turbo/ --out l2p-init-1k.safetensors              # 1K: 16x16 RGB patches
     python convert.py --src Z-Image/ --out l2p-init-4k.safetensors --patch 64         # native 4K
+    python convert.py --src runs/l2p/trained.safetensors --out l2p-1k.safetensors     # merge init + trained
 
 Every source tensor whose name and shape fit the pixel model is copied bit for bit (blocks, refiners, timestep and
 caption embedders, pad tokens); the latent patch embedder and the final layer are dropped; the new RGB patch
 embedder all_x_embedder.{p}-1 and the Detailer Head local_decoder are initialised from --seed. Tensors stream from
 the source to the output one at a time, so a 24 GB checkpoint converts on a machine with less memory than that.
+
+Given a train.py checkpoint (only the trained tensors + the path of their init), it writes instead the merged full
+checkpoint in the released L2P layout, which other L2P code can load.
 """
 
 import argparse
@@ -22,7 +26,8 @@ import model
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", required=True,
-                        help="the Z-Image source: a repo root, its transformer/ folder, or a single .safetensors file")
+                        help="the Z-Image source: a repo root, its transformer/ folder, or a single .safetensors file; "
+                             "or a train.py checkpoint to merge with its init")
     parser.add_argument("--out", required=True, help="the L2P checkpoint to write (.safetensors, one file)")
     parser.add_argument("--patch", type=int, default=16,
                         help="pixel patch: 16 keeps the source's token grid at 1024^2 (8x VAE x 2x2 latent patch); "
@@ -49,18 +54,32 @@ def count(specs) -> int:
     return sum(t.numel() for t in specs.values())
 
 
+def merge(source: model.DiTCheckpoint, out: Path, cast: torch.dtype | None, args):
+    """init + trained tensors -> one full checkpoint in the released layout."""
+    convert = lambda t: t.to(cast) if cast is not None and t.is_floating_point() else t
+    specs = {k: convert(t) for k, t in source.tensors(meta=True)}
+    metadata = {"format": "l2p", "l2p_patch": str(source.cfg.patch_size), "merged_from": str(args.src),
+                "dtype": args.dtype, "written_by": "convert.py"}
+    model.write_safetensors(out, ((k, convert(t)) for k, t in source.tensors()), metadata, specs=specs)
+    trained = len(model.safetensors_shapes([source.trained]))
+    print(f"merged  {source.layout}: {len(specs)} tensors ({trained} trained), {count(specs):,d} params -> {out} "
+          f"({out.stat().st_size / 1e9:.2f} GB)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise SystemExit(f"--out {out}: write a .safetensors file")
     source = model.open_dit_checkpoint(args.src)
+    cast = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if source.trained is not None:
+        return merge(source, out, cast, args)
     if source.cfg.pixel_head:
         raise SystemExit(f"--src {args.src} is already an L2P pixel model ({source.layout}); pass a Z-Image checkpoint")
     target_cfg = model.l2p_config(source.cfg, args.patch)
     with torch.device("meta"):
         target = {k: v for k, v in model.ZImageDiT(target_cfg).state_dict().items()}
-    cast = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
 
     copied, dropped = {}, {}
     for key, spec in source.tensors(meta=True):

@@ -623,8 +623,9 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def safetensors_header(file: Path) -> tuple[dict, int]:
-    """The JSON header of a .safetensors file (key -> dtype, shape, data_offsets) and where its data starts."""
+def safetensors_header(file: Path, metadata: bool = False) -> tuple[dict, int]:
+    """The JSON header of a .safetensors file (key -> dtype, shape, data_offsets) and where its data starts.
+    With metadata=True, the header's "__metadata__" (str -> str) instead."""
     with open(file, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         if not 2 <= size <= 100_000_000:
@@ -633,6 +634,8 @@ def safetensors_header(file: Path) -> tuple[dict, int]:
             header = json.loads(f.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
+    if metadata:
+        return header.get("__metadata__", {}), 8 + size
     header.pop("__metadata__", None)
     return header, 8 + size
 
@@ -796,18 +799,39 @@ def _normalise_dit_keys(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[i
     return {k: tuple(t.shape) for k, t in zimage_from_comfy(meta, patch_size=2)}  # ComfyUI files are latent, p = 2
 
 
+TRAINED_FORMAT = "l2p-trained"  # train.py's checkpoints: only the trained tensors, plus the path of their init
+
+
 @dataclass
 class DiTCheckpoint:
-    """A DiT checkpoint on disk: its config, which layout it is in, and its tensors under our (diffusers) names."""
+    """A DiT checkpoint on disk: its config, which layout it is in, and its tensors under our (diffusers) names.
+    `trained` (train.py output) overrides the tensors of the same names in `files` (the init)."""
     cfg: ZImageConfig
     layout: str
     files: list[Path]
     strip_prefix: str = ""
     comfy: bool = False
+    trained: Path | None = None
 
     def tensors(self, meta: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         tensors = read_tensors(self.files, self.strip_prefix, meta=meta)
-        return zimage_from_comfy(tensors, self.cfg.patch_size) if self.comfy else tensors
+        if self.comfy:
+            tensors = zimage_from_comfy(tensors, self.cfg.patch_size)
+        if self.trained is None:
+            yield from tensors
+            return
+        replaced = set(safetensors_shapes([self.trained]))
+        yield from ((k, t) for k, t in tensors if k not in replaced)
+        yield from read_tensors([self.trained], meta=meta)
+
+
+def trained_init_path(path: Path) -> Path | None:
+    """For a train.py checkpoint (only the trained tensors), the init checkpoint it completes; else None."""
+    meta = safetensors_header(path, metadata=True)[0]
+    if meta.get("format") != TRAINED_FORMAT:
+        return None
+    init = Path(meta["init"])
+    return init if init.is_absolute() else path.parent / init
 
 
 def open_dit_checkpoint(path) -> DiTCheckpoint:
@@ -836,6 +860,13 @@ def open_dit_checkpoint(path) -> DiTCheckpoint:
         return DiTCheckpoint(config_from_json(ZImageConfig, config_file), "diffusers folder", safetensors_files(folder))
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: expected a folder or a .safetensors file")
+    init = trained_init_path(path)
+    if init is not None:
+        if not init.exists():
+            raise CheckpointError(f"{path} holds only the trained tensors; its init {init} is missing. Put the init "
+                                  "checkpoint back there, or pass a merged checkpoint (convert.py --src <this file>)")
+        base = open_dit_checkpoint(init)
+        return replace(base, layout=f"{base.layout} + trained tensors of {path.name}", trained=path)
     shapes = safetensors_shapes([path])
     strip = COMFY_PREFIX if shapes and all(k.startswith(COMFY_PREFIX) for k in shapes) else ""
     shapes = {k.removeprefix(strip): s for k, s in shapes.items()}

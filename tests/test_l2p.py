@@ -191,3 +191,22 @@ def test_convert_streams_a_few_hundred_mb_checkpoint(tmp_path):
     ratio = int(run.stdout.split()[-1]) / size
     print(f"convert.py on a {size / 1e6:.0f} MB checkpoint: peak RSS growth {ratio:.2f}x")
     assert size > 150e6 and ratio < 1.5 and out.stat().st_size > 0.9 * size
+
+
+def test_trained_checkpoint_loads_over_its_init_and_merges(converted, tmp_path):
+    """train.py writes only the trained tensors + the init's path; load_model and convert.py complete them."""
+    init = load_file(str(converted))
+    trained = {k: torch.randn_like(v).to(torch.bfloat16) for k, v in init.items() if k.startswith(("layers.0.", "local_"))}
+    path = tmp_path / "trained.safetensors"
+    model.write_safetensors(path, trained, {"format": model.TRAINED_FORMAT, "init": str(converted)})
+    loaded = model.load_model(path, dtype=torch.float32).state_dict()
+    assert loaded.keys() == init.keys()
+    assert all(torch.equal(loaded[k], (trained[k] if k in trained else init[k]).float()) for k in init)
+    merged = tmp_path / "merged.safetensors"
+    convert.main(["--src", str(path), "--out", str(merged)])
+    out = load_file(str(merged))
+    assert out.keys() == init.keys() and all(torch.equal(out[k], trained.get(k, init[k])) for k in init)
+    orphan = tmp_path / "orphan.safetensors"
+    model.write_safetensors(orphan, trained, {"format": model.TRAINED_FORMAT, "init": "missing.safetensors"})
+    with pytest.raises(model.CheckpointError, match="only the trained tensors"):
+        model.load_model(orphan)
