@@ -1,14 +1,10 @@
 """Text -> DiT steps -> VAE decode, end to end, against diffusers' ZImagePipeline given the same initial noise."""
 
-import json
-
 import pytest
 import torch
 
 import model
-from tiny import make_diffusers_dit
-from tiny_text import make_tiny_text_encoder
-from tiny_vae import save_tiny_vae
+from tiny import make_tiny_zimage_repo
 
 PROMPTS = ["a red cube on a table", "two cats"]
 SEEDS = [11, 12]
@@ -21,17 +17,7 @@ def rel(a, b):
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    """A Z-Image repo root in the published layout: transformer/, vae/, text_encoder/, tokenizer/, scheduler/."""
-    root = tmp_path_factory.mktemp("Z-Image-Turbo")
-    text = make_tiny_text_encoder(root)
-    save_tiny_vae(root / "vae")
-    make_diffusers_dit(cap_feat_dim=text["hidden_size"]).save_pretrained(root / "transformer")
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
-         "use_dynamic_shifting": False}))
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
-    return root
+    return make_tiny_zimage_repo(tmp_path_factory.mktemp("Z-Image-Turbo"))
 
 
 @pytest.fixture(scope="module")

@@ -97,3 +97,21 @@ def write_random_dit_folder(folder: Path, dim: int = 512, n_layers: int = 8, sha
         size += sum(math.prod(s) * 4 for _, s in group)
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return folder, size, len(groups)
+
+
+def make_tiny_zimage_repo(root: Path, seed: int = 0) -> Path:
+    """A Z-Image repo root in the published layout (transformer/, vae/, text_encoder/, tokenizer/, scheduler/,
+    model_index.json) with tiny random weights: DiT dim 64 / 3 layers, VAE 16-32-64-64, Qwen3 hidden 64 / 3 layers."""
+    from tiny_text import make_tiny_text_encoder
+    from tiny_vae import save_tiny_vae
+
+    root = Path(root)
+    text = make_tiny_text_encoder(root, seed=seed)
+    save_tiny_vae(root / "vae", seed=seed)
+    make_diffusers_dit(seed=seed, cap_feat_dim=text["hidden_size"]).save_pretrained(root / "transformer")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+         "use_dynamic_shifting": False}))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
+    return root
