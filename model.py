@@ -1131,3 +1131,14 @@ def generate(model: ZImageDiT, cap: torch.Tensor, cap_mask: torch.Tensor, seeds:
         return x
     vae_dtype = next(vae.parameters()).dtype
     return vae.decode(x.to(vae_dtype)).float()
+
+
+def source_sampler_settings(repo) -> dict:
+    """The source LDM's own sampler, from <repo>/scheduler/scheduler_config.json: Z-Image-Turbo (shift 3): 8 steps,
+    CFG off; Z-Image base (shift 6): 50 steps, CFG w = 4, i.e. guidance = 1 + w. Returns steps, shift, guidance."""
+    config = Path(repo) / "scheduler" / "scheduler_config.json"
+    if not config.exists():
+        raise CheckpointError(f"{repo} has no scheduler/scheduler_config.json: pass the Z-Image repo root")
+    shift = float(json.loads(config.read_text()).get("shift", 3.0))
+    turbo = shift <= 3.0
+    return {"steps": 8 if turbo else 50, "shift": shift, "guidance": 1.0 if turbo else 5.0}

@@ -1,0 +1,211 @@
+"""
+Sample images from an L2P pixel model, from 1K up to native 4K, and optionally from its latent source beside it.
+
+    python sample.py --ckpt l2p-1k.safetensors --text-encoder Z-Image-Turbo/ --prompt "a red fox in fresh snow"
+    python sample.py --ckpt l2p-4k.safetensors --text-encoder Z-Image/ --prompts prompts.txt --res 4096
+    python sample.py --ckpt l2p-1k.safetensors --latent Z-Image-Turbo/ --prompt "..." --out compare/
+
+Defaults reproduce the released sampler: patch-16 models at 1024^2 with 30 steps and CFG 2.0, patch-64 models at
+4096^2 with 50 steps and CFG 4.0; shift 3; empty negative prompt; CFG written v = v_neg + cfg * (v_pos - v_neg).
+The prompts are encoded first and the 4B text encoder freed before the DiT is loaded.
+"""
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+import model
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", help="L2P checkpoint: convert.py / train.py output (init + trained tensors, or "
+                                       "merged), or a released L2P 1K / 4K file")
+    parser.add_argument("--text-encoder", help="Z-Image repo root or its text_encoder/ folder (the Qwen3 prompt "
+                                               "encoder); defaults to the --latent repo when that is given")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
+    parser.add_argument("--prompts", help="a text file with one prompt per line")
+    parser.add_argument("--negative-prompt", default="", help="negative prompt for CFG (the release uses '')")
+    parser.add_argument("--res", type=int, help="square size in pixels; default 1024 per 16 pixels of patch "
+                                                "(1024 at patch 16, 4096 at patch 64)")
+    parser.add_argument("--width", type=int, help="width in pixels (overrides --res)")
+    parser.add_argument("--height", type=int, help="height in pixels (overrides --res)")
+    parser.add_argument("--steps", type=int, help="Euler steps; default 30 (patch 16) or 50 (patch 64)")
+    parser.add_argument("--cfg", type=float, help="CFG scale c, v = v_neg + c (v_pos - v_neg), 1 = off; default "
+                                                  "2.0 (patch 16) or 4.0 (patch 64)")
+    parser.add_argument("--shift", type=float, default=3.0, help="static shift of the sigma grid")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image k of a prompt uses "
+                                                            "seed + k, the same for every prompt")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--batch-size", type=int, default=1, help="images denoised together")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="CFG as two passes instead of one batch of two (less activation memory)")
+    parser.add_argument("--out", default="samples", help="output folder, or a .png file for a single image")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="DiT precision; default bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--latent", help="Z-Image repo: also sample the same prompts and seeds with the source LDM "
+                                         "(latent sampling + VAE decode) at the same size, and write side-by-sides")
+    parser.add_argument("--latent-steps", type=int, help="source sampler steps (default: Turbo 8, base 50)")
+    parser.add_argument("--latent-cfg", type=float,
+                        help="source CFG in Z-Image's convention pos + w (pos - neg) (default: Turbo 0, base 4)")
+    return parser.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts:
+        try:
+            lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"--prompts {args.prompts}: cannot read it ({e})")
+        prompts += [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise SystemExit(f"--prompts {args.prompts} holds no prompt (one per line expected)")
+    if not prompts:
+        raise SystemExit("no prompt: pass --prompt '...' or --prompts <file>")
+    return prompts
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8 (rounded, clamped)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_png(path: Path, pixels: np.ndarray, text: dict[str, str] | None = None) -> None:
+    """Write an 8-bit RGB PNG atomically, with `text` as PNG text chunks."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, str(value))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def peak_memory_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 1e9
+    with open("/proc/self/status") as f:  # the process's resident high-water mark
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 1e6
+
+
+def encode(text_encoder_path: str, prompts: list[str], device: str, dtype: torch.dtype):
+    """All prompts and the negative prompt at once, then the encoder is freed: the DiT needs the memory next."""
+    encoder = model.load_text_encoder(text_encoder_path, device=device, dtype=dtype)
+    features = [encoder.encode([p]) for p in prompts]
+    encoder.release()
+    return features
+
+
+def run(dit, features, negative, jobs, size, steps, cfg, shift, args, vae=None, name="l2p"):
+    """Denoise jobs [(prompt index, seed)] in batches; returns {job: uint8 image} and seconds per step."""
+    height, width = size
+    images, seconds = {}, 0.0
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start:start + args.batch_size]
+        cap, mask = model.cat_captions([features[i][0] for i, _ in batch], [features[i][1] for i, _ in batch])
+        neg_cap, neg_mask = model.cat_captions([negative[0]] * len(batch), [negative[1]] * len(batch))
+        begin = time.perf_counter()
+        out = model.generate(dit, cap, mask, [s for _, s in batch], height, width, steps, shift, cfg, neg_cap,
+                             neg_mask, vae=vae, cfg_batch=not args.low_memory, progress=True)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - begin
+        images.update(zip(batch, to_uint8(out)))
+    print(f"{name}: {seconds / (steps * math.ceil(len(jobs) / args.batch_size)):.3f} s/step at {width}x{height}, "
+          f"batch {args.batch_size}{' (incl. VAE decode)' if vae is not None else ''}")
+    return images
+
+
+def resolve_settings(args, patch: int) -> tuple[int, int, int, float]:
+    """width, height, steps, cfg: the released defaults for the model's patch unless the flags say otherwise."""
+    res = args.res or 1024 * patch // 16
+    width, height = args.width or res, args.height or res
+    steps = args.steps or (50 if patch >= 64 else 30)
+    cfg = args.cfg if args.cfg is not None else (4.0 if patch >= 64 else 2.0)
+    if width % patch or height % patch:
+        raise SystemExit(f"{width}x{height} is not a multiple of the model's {patch}-pixel patch: pick a size "
+                         f"divisible by {patch} (e.g. {max(patch, width // patch * patch)}x"
+                         f"{max(patch, height // patch * patch)})")
+    if (width // patch) * (height // patch) > 4096:
+        print(f"warning: {width}x{height} at patch {patch} is {(width // patch) * (height // patch):,d} tokens, more "
+              "than the 4,096 the model was trained on (a patch-64 model keeps 4K at 64x64 tokens)")
+    return width, height, steps, cfg
+
+
+def output_path(out: Path, prompt_index: int, seed: int, single: bool, suffix: str = "") -> Path:
+    if single and out.suffix == ".png":
+        return out.with_name(out.stem + suffix + ".png")
+    return out / f"{prompt_index:03d}_s{seed}{suffix}.png"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    prompts = read_prompts(args)
+    if args.ckpt is None and args.latent is None:
+        raise SystemExit("nothing to sample: pass --ckpt <L2P checkpoint> (and/or --latent <Z-Image repo>)")
+    text_encoder = args.text_encoder or args.latent
+    if text_encoder is None:
+        raise SystemExit("sample.py needs the Qwen3 text encoder: pass --text-encoder <Z-Image repo or its "
+                         "text_encoder/ folder>")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if "cuda" in args.device else "fp32")]
+
+    patch = 16
+    if args.ckpt:
+        checkpoint = model.open_dit_checkpoint(args.ckpt)
+        if not checkpoint.cfg.pixel_head:
+            raise SystemExit(f"--ckpt {args.ckpt} is a latent Z-Image transformer ({checkpoint.layout}), not an L2P "
+                             "pixel model: make one with convert.py, or sample the source with --latent <repo>")
+        patch = checkpoint.cfg.patch_size
+    width, height, steps, cfg = resolve_settings(args, patch)
+    jobs = [(i, args.seed + k) for i in range(len(prompts)) for k in range(args.num_images)]
+    out = Path(args.out)
+    single = len(jobs) == 1
+    if out.suffix == ".png" and not single:
+        raise SystemExit(f"--out {out} is one file but {len(jobs)} images are asked for: pass a folder")
+
+    features = encode(text_encoder, prompts + [args.negative_prompt], args.device, dtype)
+    features, negative = features[:-1], features[-1]
+    results = {}
+    if args.ckpt:
+        dit = model.load_model(args.ckpt, device=args.device, dtype=dtype)
+        results["l2p"] = run(dit, features, negative, jobs, (height, width), steps, cfg, args.shift, args)
+        del dit
+        for (i, seed), pixels in results["l2p"].items():
+            save_png(output_path(out, i, seed, single), pixels,
+                     {"prompt": prompts[i], "negative_prompt": args.negative_prompt, "seed": seed, "steps": steps,
+                      "cfg": cfg, "shift": args.shift, "checkpoint": Path(args.ckpt).name, "model": "l2p"})
+    if args.latent:
+        source = model.source_sampler_settings(args.latent)
+        latent_steps = args.latent_steps or source["steps"]
+        latent_guidance = 1 + args.latent_cfg if args.latent_cfg is not None else source["guidance"]
+        if width % 16 or height % 16:
+            raise SystemExit(f"{width}x{height}: the latent source needs multiples of 16 (VAE x8, latent patch 2)")
+        dit = model.load_model(args.latent, device=args.device, dtype=dtype)
+        vae = model.load_vae(args.latent, device=args.device)
+        results["latent"] = run(dit, features, negative, jobs, (height, width), latent_steps, latent_guidance,
+                                source["shift"], args, vae=vae, name="latent source")
+        del dit, vae
+        for (i, seed), pixels in results["latent"].items():
+            save_png(output_path(out, i, seed, single, "_latent"), pixels,
+                     {"prompt": prompts[i], "seed": seed, "steps": latent_steps, "cfg_w": latent_guidance - 1,
+                      "shift": source["shift"], "checkpoint": Path(args.latent).name, "model": "latent source"})
+    if len(results) == 2:
+        for job in jobs:  # side by side: L2P | latent source
+            save_png(output_path(out, *job, single, "_compare"),
+                     np.concatenate([results["l2p"][job], results["latent"][job]], axis=1))
+    print(f"wrote {len(jobs) * len(results)} images to {out}; peak memory {peak_memory_gb(args.device):.2f} GB "
+          f"({'GPU allocated' if args.device.startswith('cuda') else 'process RSS'})")
+
+
+if __name__ == "__main__":
+    main()

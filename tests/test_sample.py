@@ -1,0 +1,100 @@
+"""sample.py on tiny models: sizes, determinism, CFG, released layout, the source side by side, errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import convert
+import model
+import sample
+from tiny import make_tiny_zimage_repo, save_single_file
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return make_tiny_zimage_repo(tmp_path_factory.mktemp("Z-Image-Turbo"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(repo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("l2p") / "l2p-init.safetensors"
+    convert.main(["--src", str(repo), "--out", str(out)])
+    # A fresh head barely hears the DiT (default init); amplify its bottleneck so the prompt and CFG show in pixels.
+    state = load_file(str(out))
+    state["local_decoder.bottleneck.0.weight"] *= 30
+    model.write_safetensors(out, state)
+    return out
+
+
+def run(ckpt, repo, out, *flags):
+    sample.main(["--ckpt", str(ckpt), "--text-encoder", str(repo), "--out", str(out), "--steps", "2", *flags])
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_size_seed_determinism_and_png_text(ckpt, repo, tmp_path):
+    run(ckpt, repo, tmp_path / "a", "--prompt", "a red cube", "--width", "48", "--height", "32", "--num-images", "2",
+        "--seed", "5")
+    run(ckpt, repo, tmp_path / "b", "--prompt", "a red cube", "--width", "48", "--height", "32", "--seed", "5")
+    first, second = tmp_path / "a" / "000_s5.png", tmp_path / "a" / "000_s6.png"
+    assert Image.open(first).size == (48, 32)
+    assert np.array_equal(pixels(first), pixels(tmp_path / "b" / "000_s5.png"))
+    assert not np.array_equal(pixels(first), pixels(second))
+    text = Image.open(first).text
+    assert text["prompt"] == "a red cube" and text["seed"] == "5" and text["steps"] == "2" and text["cfg"] == "2.0"
+    assert text["checkpoint"] == ckpt.name
+
+
+def test_images_equal_the_shared_sampler_and_cfg_one_is_the_conditional_alone(ckpt, repo, tmp_path):
+    run(ckpt, repo, tmp_path / "one.png", "--prompt", "two cats", "--res", "32", "--cfg", "1", "--seed", "3")
+    run(ckpt, repo, tmp_path / "guided.png", "--prompt", "two cats", "--res", "32", "--seed", "3")
+    encoder = model.load_text_encoder(repo, dtype=torch.float32)
+    (cap, mask), (neg, neg_mask) = encoder.encode(["two cats"]), encoder.encode([""])
+    dit = model.load_model(ckpt, dtype=torch.float32)
+    alone = model.generate(dit, cap, mask, [3], 32, 32, steps=2, shift=3.0)
+    guided = model.generate(dit, cap, mask, [3], 32, 32, steps=2, shift=3.0, guidance=2.0, neg_cap=neg,
+                            neg_mask=neg_mask)
+    assert np.array_equal(pixels(tmp_path / "one.png"), sample.to_uint8(alone)[0])
+    assert np.array_equal(pixels(tmp_path / "guided.png"), sample.to_uint8(guided)[0])
+    assert not np.array_equal(pixels(tmp_path / "one.png"), pixels(tmp_path / "guided.png"))
+
+
+def test_released_1k_layout_with_mixed_dtypes_samples(ckpt, repo, tmp_path):
+    state = load_file(str(ckpt))
+    mixed = {k: v.float() if k.startswith("layers.1.") else v.to(torch.bfloat16) for k, v in state.items()}
+    released = save_single_file(mixed, tmp_path / "model-1k-merge.safetensors")
+    run(released, repo, tmp_path / "x.png", "--prompt", "p", "--res", "16", "--dtype", "bf16")
+    assert Image.open(tmp_path / "x.png").size == (16, 16)
+
+
+def test_latent_source_side_by_side(ckpt, repo, tmp_path):
+    sample.main(["--ckpt", str(ckpt), "--latent", str(repo), "--prompt", "a", "--prompt", "b", "--res", "32",
+                 "--steps", "2", "--latent-steps", "2", "--out", str(tmp_path)])
+    for i in (0, 1):
+        assert Image.open(tmp_path / f"00{i}_s0_latent.png").size == (32, 32)
+        assert Image.open(tmp_path / f"00{i}_s0_compare.png").size == (64, 32)
+        assert Image.open(tmp_path / f"00{i}_s0_latent.png").text["model"] == "latent source"
+
+
+def test_defaults_follow_the_patch():
+    args = sample.parse_args([])
+    assert sample.resolve_settings(args, 16) == (1024, 1024, 30, 2.0)
+    assert sample.resolve_settings(args, 64) == (4096, 4096, 50, 4.0)
+
+
+def test_clear_errors(ckpt, repo, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="not a multiple of the model's 16-pixel patch"):
+        run(ckpt, repo, tmp_path, "--prompt", "p", "--width", "40", "--height", "32")
+    with pytest.raises(SystemExit, match="needs the Qwen3 text encoder"):
+        sample.main(["--ckpt", str(ckpt), "--prompt", "p"])
+    with pytest.raises(SystemExit, match="latent Z-Image transformer"):
+        run(repo, repo, tmp_path, "--prompt", "p")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(SystemExit, match="holds no prompt"):
+        run(ckpt, repo, tmp_path, "--prompts", str(tmp_path / "empty.txt"))
+    sample.resolve_settings(sample.parse_args(["--res", "4096"]), 16)
+    assert "65,536 tokens" in capsys.readouterr().out
