@@ -32,6 +32,8 @@ def parse_args(argv=None):
     parser.add_argument("--patch", type=int, default=16,
                         help="pixel patch: 16 keeps the source's token grid at 1024^2 (8x VAE x 2x2 latent patch); "
                              "64 keeps it at 4096^2; 32 and 128 follow the same rule")
+    parser.add_argument("--head-width", type=int, default=64,
+                        help="Detailer Head channels at half resolution (64 = the released heads; less for toy models)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new patch embedder and head")
     parser.add_argument("--dtype", choices=["keep", "bf16", "fp32"], default="keep",
                         help="keep: copied tensors keep the source dtype (bit-identical), new ones are fp32; "
@@ -44,7 +46,7 @@ def new_tensors(cfg: model.ZImageConfig, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     p = cfg.patch_size
     embedder = torch.nn.Linear(p * p * cfg.in_channels, cfg.dim)
-    head = model.DetailerHead(cfg.in_channels, cfg.dim, p)
+    head = model.DetailerHead(cfg.in_channels, cfg.dim, p, cfg.head_width)
     tensors = {f"all_x_embedder.{p}-1.{k}": v for k, v in embedder.state_dict().items()}
     tensors.update({f"local_decoder.{k}": v for k, v in head.state_dict().items()})
     return tensors
@@ -77,7 +79,7 @@ def main(argv=None):
         return merge(source, out, cast, args)
     if source.cfg.pixel_head:
         raise SystemExit(f"--src {args.src} is already an L2P pixel model ({source.layout}); pass a Z-Image checkpoint")
-    target_cfg = model.l2p_config(source.cfg, args.patch)
+    target_cfg = model.l2p_config(source.cfg, args.patch, args.head_width)
     with torch.device("meta"):
         target = {k: v for k, v in model.ZImageDiT(target_cfg).state_dict().items()}
 
@@ -102,8 +104,9 @@ def main(argv=None):
                 yield key, tensor.to(copied[key].dtype)
         yield from created.items()
 
-    metadata = {"format": "l2p", "l2p_patch": str(args.patch), "source": str(args.src), "source_layout": source.layout,
-                "seed": str(args.seed), "dtype": args.dtype, "written_by": "convert.py"}
+    metadata = {"format": "l2p", "l2p_patch": str(args.patch), "head_width": str(args.head_width),
+                "source": str(args.src), "source_layout": source.layout, "seed": str(args.seed), "dtype": args.dtype,
+                "written_by": "convert.py"}
     start = time.time()
     model.write_safetensors(out, stream(), metadata, specs=specs)
 

@@ -132,6 +132,7 @@ class ZImageConfig:
     t_scale: float = 1000.0
     axes_dims: tuple[int, ...] = (32, 48, 48)
     pixel_head: bool = False  # True: the L2P pixel model (Detailer Head instead of the final layer), see section 3
+    head_width: int = 64  # Detailer Head channels at H/2 (level "1"); the released heads use 64, toy models less
 
     @property
     def ffn_dim(self) -> int:
@@ -202,7 +203,7 @@ class ZImageDiT(nn.Module):
         block = lambda modulated: DiTBlock(dim, cfg.n_heads, cfg.ffn_dim, cfg.norm_eps, cfg.adaln_dim, modulated)
         self.all_x_embedder = nn.ModuleDict({f"{p}-1": nn.Linear(p * p * cfg.in_channels, dim)})
         if cfg.pixel_head:
-            self.local_decoder = DetailerHead(cfg.in_channels, dim, p)
+            self.local_decoder = DetailerHead(cfg.in_channels, dim, p, cfg.head_width)
         else:
             self.all_final_layer = nn.ModuleDict({f"{p}-1": FinalLayer(dim, p * p * cfg.in_channels, cfg.adaln_dim)})
         self.t_embedder = TimestepEmbedder(cfg.adaln_dim)
@@ -296,9 +297,9 @@ class ZImageDiT(nn.Module):
 # 3. L2P head: the pixel model = the Z-Image transformer on p x p RGB patches + a conv U-Net "Detailer Head"
 # ----------------------------------------------------------------------------------------------------------------
 
-# Levels of the head, shallow -> deep: (name suffix, channels). One 2x max-pool per level, so the bottleneck lands
-# on the token grid: 4 levels at p = 16 (released 1K layout), 6 at p = 64 (released 4K layout); 32 and 128 follow
-# the same rule (halving channels at each extra shallow level).
+# Levels of the head, shallow -> deep: (name suffix, channels at head_width 64). One 2x max-pool per level, so the
+# bottleneck lands on the token grid: 4 levels at p = 16 (released 1K layout), 6 at p = 64 (released 4K layout); 32
+# and 128 follow the same rule (halving channels at each extra shallow level).
 DETAILER_LEVELS = (("0a", 8), ("0", 16), ("0b", 32), ("1", 64), ("2", 128), ("3", 256), ("4", 512))
 
 
@@ -314,12 +315,14 @@ class DetailerHead(nn.Module):
     decoder: up{i} = nearest 2x + Conv3x3; dec{i} = Conv3x3 + SiLU on [up, skip]; out_conv 1x1 -> in_channels
     """
 
-    def __init__(self, in_channels: int, dim: int, patch_size: int):
+    def __init__(self, in_channels: int, dim: int, patch_size: int, width: int = 64):
         super().__init__()
         n = int(math.log2(patch_size))
         if 2 ** n != patch_size or not 4 <= n <= len(DETAILER_LEVELS):
             raise ValueError(f"the Detailer Head needs a patch of 16, 32, 64 or 128 pixels, got {patch_size}")
-        self.levels = DETAILER_LEVELS[-n:]
+        if width % 8:
+            raise ValueError(f"head width {width}: use a multiple of 8")
+        self.levels = [(name, c * width // 64) for name, c in DETAILER_LEVELS[-n:]]
         widths = [c for _, c in self.levels]
         for i, (name, width) in enumerate(self.levels):
             self.add_module(f"enc{name}", nn.Sequential(conv3x3(widths[i - 1] if i else in_channels, width), nn.SiLU()))
@@ -341,9 +344,9 @@ class DetailerHead(nn.Module):
         return self.out_conv(x)
 
 
-def l2p_config(source: ZImageConfig, patch_size: int = 16) -> ZImageConfig:
+def l2p_config(source: ZImageConfig, patch_size: int = 16, head_width: int = 64) -> ZImageConfig:
     """The pixel model made from a latent source: same transformer, RGB patches of p x p, the Detailer Head."""
-    return replace(source, in_channels=3, patch_size=patch_size, pixel_head=True)
+    return replace(source, in_channels=3, patch_size=patch_size, pixel_head=True, head_width=head_width)
 
 
 def set_trainable(model: "ZImageDiT", train_blocks: int = 5, strict: bool = False) -> tuple[int, int]:
@@ -765,9 +768,10 @@ def zimage_config_from_shapes(shapes: dict[str, tuple[int, ...]], patch_size: in
     head_dim = shapes["layers.0.attention.norm_q.weight"][0]
     # The RoPE split is not in the file: Z-Image's (32, 48, 48) of 128, scaled for smaller heads.
     axes_dims = (head_dim // 4, head_dim * 3 // 8, head_dim - head_dim // 4 - head_dim * 3 // 8)
+    head_width = shapes["local_decoder.enc1.0.weight"][0] if pixel_head else 64
     return ZImageConfig(in_channels=in_channels, patch_size=patch_size, dim=dim, n_layers=count("layers"),
                         n_refiner_layers=count("noise_refiner"), n_heads=dim // head_dim, cap_feat_dim=cap_feat_dim,
-                        axes_dims=axes_dims, pixel_head=pixel_head)
+                        axes_dims=axes_dims, pixel_head=pixel_head, head_width=head_width)
 
 
 def zimage_from_comfy(tensors: Iterable[tuple[str, torch.Tensor]], patch_size: int):

@@ -192,3 +192,10 @@ def test_loading_a_sharded_checkpoint_holds_about_one_copy(tmp_path, dtype):
     ratio = int(out.stdout.split()[-1]) / size
     print(f"checkpoint {size / 1e6:.0f} MB in {n_shards} shards, loaded as {dtype}: peak RSS growth {ratio:.2f}x")
     assert size > 150e6 and ratio < 1.3
+
+
+def test_runtime_scripts_import_no_diffusers():
+    code = "import sys, model, convert, sample; print(sorted(m for m in sys.modules if m.split('.')[0] == 'diffusers'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(model.__file__).parent))
+    assert out.stdout.strip() == "[]"

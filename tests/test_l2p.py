@@ -67,6 +67,14 @@ def test_convert_from_comfy_single_file_equals_from_folder(source, converted, tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_narrow_head_round_trips_through_convert_and_load(source, tmp_path):
+    out = tmp_path / "toy.safetensors"
+    convert.main(["--src", str(source[1]), "--out", str(out), "--head-width", "16"])
+    toy = model.load_model(out, dtype=torch.float32)
+    assert toy.cfg.head_width == 16 and toy.local_decoder.enc1[0].out_channels == 16
+    assert toy.local_decoder.enc4[0].out_channels == 128
+
+
 def test_convert_refuses_pixel_and_incomplete_sources(converted, source, tmp_path):
     with pytest.raises(SystemExit, match="already an L2P"):
         convert.main(["--src", str(converted), "--out", str(tmp_path / "x.safetensors")])
@@ -155,6 +163,7 @@ def test_released_layout_with_mixed_dtypes_loads_and_runs(converted, tmp_path):
 def test_head_levels_follow_the_patch(patch, levels):
     head = model.DetailerHead(3, 8, patch)
     assert len(head.levels) == levels and head.bottleneck[0].in_channels == 512 + 8
+    assert model.DetailerHead(3, 8, patch, width=16).bottleneck[0].in_channels == 128 + 8
     out = head(torch.randn(1, 3, patch, 2 * patch), torch.randn(1, 8, 1, 2))
     assert out.shape == (1, 3, patch, 2 * patch)
     with pytest.raises(ValueError, match="16, 32, 64 or 128"):
