@@ -307,6 +307,13 @@ def conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel_size=3, padding=1)
 
 
+def conv_on_concat(conv: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """conv(cat([a, b], channels)) without building the concatenation: at 4096^2 that would be the head's largest
+    tensor (1 GB per image in bf16), and the two half-convolutions sum to the same result."""
+    out = F.conv2d(a, conv.weight[:, :a.shape[1]], conv.bias, padding=conv.padding)
+    return out.add_(F.conv2d(b, conv.weight[:, a.shape[1]:], None, padding=conv.padding))
+
+
 class DetailerHead(nn.Module):
     """U-Net over the full-resolution noisy image; the DiT's token map joins at the bottleneck. No timestep input.
 
@@ -340,7 +347,8 @@ class DetailerHead(nn.Module):
             x = F.max_pool2d(skips[-1], 2)
         x = self.bottleneck(torch.cat([x, token_map], dim=1))
         for (name, _), skip in zip(reversed(self.levels), reversed(skips)):
-            x = getattr(self, f"dec{name}")(torch.cat([getattr(self, f"up{name}")(x), skip], dim=1))
+            dec = getattr(self, f"dec{name}")
+            x = dec[1](conv_on_concat(dec[0], getattr(self, f"up{name}")(x), skip))
         return self.out_conv(x)
 
 

@@ -12,6 +12,7 @@ The prompts are encoded first and the 4B text encoder freed before the DiT is lo
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -149,6 +150,8 @@ def output_path(out: Path, prompt_index: int, seed: int, single: bool, suffix: s
 
 
 def main(argv=None):
+    # Fewer, growable CUDA segments: at 4K the head's big activations otherwise fragment memory (set before CUDA init).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = parse_args(argv)
     prompts = read_prompts(args)
     if args.ckpt is None and args.latent is None:
