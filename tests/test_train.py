@@ -1,0 +1,381 @@
+"""train.py on a tiny L2P (convert.py of make_tiny_zimage_repo), on CPU: objective, freeze, resume, multi-process,
+data layouts, bad data, NaN stop, and the memory plan against measured memory."""
+
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import convert
+import model
+import train
+from tiny import make_tiny_zimage_repo
+
+ROOT = Path(train.__file__).parent
+# Tiny runs: fp32 on CPU, res 32 (2 x 2 tokens of 16 px), the tiny DiT's 3 layers (so n = 1), every step logged.
+TINY = ["--dtype", "fp32", "--device", "cpu", "--workers", "0", "--res", "32", "--train-blocks", "1",
+        "--sample-every", "0", "--log-every", "1", "--warmup", "0", "--batch-size", "4"]
+CAP_DIM = 64  # the tiny text encoder's hidden size = the tiny DiT's cap_feat_dim
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread gains nothing, and on a busy 2-core machine spinning threads cost up to 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return make_tiny_zimage_repo(tmp_path_factory.mktemp("Z-Image-Turbo"))
+
+
+@pytest.fixture(scope="module")
+def init(repo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("l2p") / "l2p-init.safetensors"
+    convert.main(["--src", str(repo), "--out", str(out)])
+    return out
+
+
+def picture(i: int, w: int = 48, h: int = 40) -> Image.Image:
+    """A smooth, distinct test image (non-square, so resize + centre crop are exercised)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([(xx * 5 + 60 * i) % 256, (yy * 6) % 256, np.full_like(xx, 50 * i % 256)], -1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def write_synth(folder: Path, n: int = 4, seed: int = 0) -> Path:
+    """synth.py's layout: images/, features/ (cached "cap" [L, D]) and metadata.jsonl."""
+    (folder / "images").mkdir(parents=True)
+    (folder / "features").mkdir()
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        picture(i).save(folder / f"images/{i:06d}_s1.png")
+        model.write_safetensors(folder / f"features/{i:06d}.safetensors",
+                                {"cap": torch.randn(3 + 4 * i, CAP_DIM, generator=g)})
+        rows.append({"file_name": f"images/{i:06d}_s1.png", "prompt": f"prompt number {i}", "seed": i,
+                     "features": f"features/{i:06d}.safetensors"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def log_rows(out: Path, kind: str | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("event") == kind]
+
+
+def losses(out: Path, field: str = "loss") -> dict[int, float]:
+    return {r["step"]: r[field] for r in log_rows(out)}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return write_synth(tmp_path_factory.mktemp("data") / "synth")
+
+
+def run(init, data, out, *extra):
+    train.main(["--init", str(init), "--data", str(data), "--out", str(out), *TINY, *extra])
+
+
+def test_sigmas_are_the_shift_3_grid_of_1000_steps():
+    sigmas = train.sample_sigmas(200_000, 3.0, torch.Generator().manual_seed(0))
+    u = torch.arange(1, 1001, dtype=torch.float64) / 1000
+    grid = (3 * u / (1 + 2 * u)).float()
+    assert torch.isin(sigmas, grid).all() and sigmas.max() == 1.0
+    assert len(torch.unique(sigmas)) == 1000  # every step is drawn
+    assert abs(sigmas.mean().item() - grid.double().mean().item()) < 2e-3  # uniform over the grid
+    again = train.sample_sigmas(200_000, 3.0, torch.Generator().manual_seed(0))
+    assert torch.equal(sigmas, again)
+
+
+def test_loss_falls_frozen_tensors_stay_bit_identical_and_samples_are_written(init, synth, tmp_path):
+    out = tmp_path / "run"
+    run(init, synth, out, "--max-steps", "24", "--lr", "1e-3", "--sample-every", "12", "--sample-steps", "2",
+        "--sample-count", "3")
+    curve = list(losses(out).values())
+    assert len(curve) == 24 and all(np.isfinite(curve))
+    first, last = np.mean(curve[:5]), np.mean(curve[-5:])
+    trained = out / "trained.safetensors"
+    before, after = fixed_sigma_loss(init, synth), fixed_sigma_loss(trained, synth)
+    print(f"loss curve {np.round(curve, 2)}; at fixed sigmas and noise: init {before:.3f}, trained {after:.3f}")
+    assert last < 0.8 * first and max(curve) < 3 * curve[0] and after < 0.7 * before  # falls, without blowing up
+
+    with safe_open(str(trained), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    assert meta["format"] == model.TRAINED_FORMAT and meta["step"] == "24"
+    assert Path(meta["init"]) == init.resolve()
+    with torch.device("meta"):
+        policy = model.ZImageDiT(model.open_dit_checkpoint(init).cfg)
+    model.set_trainable(policy, train_blocks=1)
+    assert keys == {n for n, p in policy.named_parameters() if p.requires_grad}
+    start, loaded = load_file(str(init)), model.load_model(trained, dtype=torch.float32).state_dict()
+    frozen = [k for k in start if k not in keys]
+    assert frozen and all(torch.equal(loaded[k], start[k]) for k in frozen)
+    assert all(not torch.equal(loaded[k], start[k]) for k in keys)  # every trained tensor moved
+
+    for step in (12, 24):
+        grid = Image.open(out / "samples" / f"step_{step:06d}.png")
+        assert grid.size == (3 * 32, 32)
+    row = log_rows(out)[-1]
+    assert {"loss", "lr", "grad_norm", "images_per_s", "peak_mem_gib"} <= row.keys()
+    plan = log_rows(out, "plan")[0]
+    assert plan["micro_batch"] == 4 and not plan["low_memory"]
+
+
+@torch.no_grad()
+def fixed_sigma_loss(checkpoint: Path, data: Path) -> float:
+    """The objective on every image at sigma 0.2, 0.5 and 0.8 with fixed noise."""
+    net = model.load_model(checkpoint, dtype=torch.float32)
+    dataset = train.ImageCaptionDataset(train.find_records(data), 32, seed=123, shift=3.0)
+    batch = train.collate([dataset[(i, i)] for i in range(len(dataset))])
+    sigmas = [torch.full((len(dataset),), s) for s in (0.2, 0.5, 0.8)]
+    return np.mean([train.loss_fn(net, batch["image"], batch["noise"], sigma, batch["cap"], batch["cap_mask"]).mean()
+                    for sigma in sigmas])
+
+
+def test_resume_continues_exactly(init, synth, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    common = ("--lr", "1e-3", "--ema", "0.9", "--warmup", "3")
+    run(init, synth, straight, "--max-steps", "6", "--save-every", "3", *common)
+    run(init, synth, interrupted, "--max-steps", "3", *common)
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run(init, synth, interrupted, "--max-steps", "6", *common)
+    with pytest.raises(SystemExit, match="--seed is 1 but the run started with 0"):
+        run(init, synth, interrupted, "--max-steps", "6", "--resume", "--seed", "1", *common)
+    run(init, synth, interrupted, "--max-steps", "6", "--resume", *common)
+
+    a, b = losses(straight), losses(interrupted)
+    assert list(a) == list(range(1, 7)) and list(b) == list(range(1, 7))
+    assert np.allclose(list(a.values()), list(b.values()), rtol=1e-6, atol=0)
+    for name in ("trained.safetensors", "trained_ema.safetensors"):
+        x, y = load_file(str(straight / name)), load_file(str(interrupted / name))
+        assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], rtol=0, atol=1e-6) for k in x)
+    state = torch.load(interrupted / "train_state.pt", weights_only=True)
+    assert state["step"] == 6 and state["samples_seen"] == 24
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["standard", "low-memory"])
+def test_two_gloo_processes_match_one(init, synth, tmp_path, low_memory):
+    """Same global batch 4: one process (micro-batch 4) vs two (2 each, in micro-batches of 1, so they also
+    accumulate); in low-memory mode the two shard the fp32 masters and AdamW state between them."""
+    mode = ["--low-memory"] if low_memory else []
+    common = ["--init", str(init), "--data", str(synth), *TINY, "--max-steps", "4", "--lr", "1e-3", *mode]
+    single = tmp_path / "single"
+    train.main([*common, "--out", str(single)])
+    double = tmp_path / "double"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "train.py", *common, "--out", str(double), "--micro-batch", "1"],
+                              cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    plan = log_rows(double, "plan")[0]
+    assert plan["world"] == 2 and plan["micro_batch"] == 1 and plan["low_memory"] == low_memory
+    a, b = losses(single), losses(double)
+    assert list(a) == list(b) == [1, 2, 3, 4]
+    assert np.allclose(list(a.values()), list(b.values()), rtol=1e-5)
+    norms = [list(losses(out, "grad_norm").values()) for out in (single, double)]
+    assert np.allclose(*norms, rtol=1e-4)  # AdamW hides a wrongly scaled gradient; its norm does not
+    x, y = load_file(str(single / "trained.safetensors")), load_file(str(double / "trained.safetensors"))
+    start = load_file(str(init))
+    moved = max((x[k] - start[k]).abs().max().item() for k in x)
+    differ = max((x[k] - y[k]).abs().max().item() for k in x)
+    print(f"weights moved up to {moved:.2e}; one vs two processes differ by up to {differ:.2e}")
+    # Summation order differs, and AdamW's 1 / sqrt(v) magnifies that float noise where gradients are tiny
+    assert x.keys() == y.keys() and moved > 2e-3 and differ < 5e-5
+    if low_memory:  # rank 1's shard of the AdamW state
+        shard = torch.load(double / "train_state.rank1.pt", weights_only=True)
+        assert shard["adamw"] and len(shard["adamw"]) < len(x)
+
+
+def test_low_memory_mode_matches_standard(init, synth, tmp_path):
+    run(init, synth, tmp_path / "standard", "--max-steps", "3", "--lr", "1e-3", "--micro-batch", "2")
+    run(init, synth, tmp_path / "low", "--max-steps", "3", "--lr", "1e-3", "--micro-batch", "2", "--low-memory")
+    assert log_rows(tmp_path / "low", "plan")[0]["plan"]["host_total"] > 0
+    assert losses(tmp_path / "standard") == losses(tmp_path / "low")
+    x, y = (load_file(str(tmp_path / d / "trained.safetensors")) for d in ("standard", "low"))
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_folder_layouts_with_the_text_encoder_and_tar_shards(repo, init, tmp_path):
+    # DiffSynth style: metadata.csv with file_name + text; jsonl with image + prompt
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    for i in range(3):
+        picture(i, 64, 32).convert("RGB").save(csv_dir / f"{i}.jpg")
+    rows = "".join(f"{i}.jpg,a photo of cat {i}\n" for i in range(3))
+    (csv_dir / "metadata.csv").write_text("file_name,text\n" + rows)
+    jsonl_dir = tmp_path / "jsonl"
+    (jsonl_dir / "img").mkdir(parents=True)
+    for i in range(2):
+        picture(i).save(jsonl_dir / f"img/{i}.webp")
+    rows = [json.dumps({"image": f"img/{i}.webp", "prompt": f"dog {i}"}) for i in range(2)]
+    (jsonl_dir / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    # webdataset shards: key.jpg + key.txt in one, key.png + key.json in the other, plus a key without a caption
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s, (ext, caption_ext) in enumerate([("jpg", "txt"), ("png", "json")]):
+        with tarfile.open(shards / f"shard-{s:05d}.tar", "w") as tar:
+            for i in range(2):
+                members = {f"{s}{i:04d}.{ext}": image_bytes(picture(i + s), ext),
+                           f"{s}{i:04d}.{caption_ext}": (f"a tree {s} {i}" if caption_ext == "txt" else
+                                                          json.dumps({"caption": f"a tree {s} {i}"})).encode()}
+                for name, data in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo("orphan.jpg")
+            data = image_bytes(picture(0), "jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    for data, n in ((csv_dir, 3), (jsonl_dir, 2), (shards, 4)):
+        records = train.find_records(data)
+        assert len(records) == n and all(r.caption for r in records)
+        image = train.load_image(records[-1], 32)
+        assert image.shape == (3, 32, 32) and -1 <= image.min() < image.max() <= 1
+        out = tmp_path / f"run-{data.name}"
+        run(init, data, out, "--max-steps", "2", "--text-encoder", str(repo), "--sample-every", "2",
+            "--sample-steps", "1")
+        assert len(losses(out)) == 2 and (out / "samples" / "step_000002.png").exists()
+        features = sorted((out / "features").glob("*.safetensors"))
+        assert len(features) == n + 1  # every caption and the empty negative prompt
+        assert model.safetensors_header(features[0])[0]["cap"]["shape"][1] == CAP_DIM
+
+
+def image_bytes(image: Image.Image, ext: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format={"jpg": "JPEG", "png": "PNG"}[ext])
+    return buffer.getvalue()
+
+
+def test_a_corrupt_image_is_skipped_counted_and_reported(init, tmp_path, capsys):
+    data = write_synth(tmp_path / "synth")
+    (data / "images" / "000002_s1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    out = tmp_path / "run"
+    run(init, data, out, "--max-steps", "3")
+    printed = capsys.readouterr().out
+    assert re.search(r"skipped unreadable image images/000002_s1\.png: \w+", printed)
+    summary = log_rows(out, "summary")[0]
+    assert summary["unreadable"] == ["images/000002_s1.png"] and summary["skipped_images"] == 3  # once per epoch
+    assert all(np.isfinite(list(losses(out).values())))
+
+
+def test_nan_losses_stop_the_run_with_a_checkpoint(init, synth, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = train.loss_fn
+
+    def poisoned(*args):
+        calls["n"] += 1
+        loss = real_loss(*args)
+        return loss * float("nan") if calls["n"] > 2 else loss
+
+    monkeypatch.setattr(train, "loss_fn", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="stopped at step 5: 3 steps in a row had a non-finite loss"):
+        run(init, synth, out, "--max-steps", "20", "--max-bad-steps", "3", "--lr", "1e-3")
+    assert [r["step"] for r in log_rows(out, "skipped_step")] == [3, 4, 5]
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 5
+    trained = load_file(str(out / "trained.safetensors"))
+    assert all(torch.isfinite(t).all() for t in trained.values())
+    monkeypatch.setattr(train, "loss_fn", real_loss)  # the checkpoint resumes (from the last good weights)
+    run(init, synth, out, "--max-steps", "6", "--resume", "--lr", "1e-3")
+    assert list(losses(out)) == [1, 2, 6]
+
+
+def test_bad_inputs_give_clear_errors(repo, init, synth, tmp_path):
+    cases = [(["--res", "40"], "--res 40 must be a positive multiple of the model's patch 16"),
+             (["--micro-batch", "3"], "--micro-batch 3 must divide the per-process batch 4"),
+             (["--train-blocks", "2"], "needs 0 <= 2n <= 3 layers")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            run(init, synth, tmp_path / "x", "--max-steps", "1", *extra)
+    with pytest.raises(SystemExit, match="latent Z-Image checkpoint"):
+        run(repo, synth, tmp_path / "x", "--max-steps", "1")
+    with pytest.raises(SystemExit, match="found no metadata.jsonl"):
+        run(init, tmp_path, tmp_path / "x", "--max-steps", "1")
+    uncaptioned = tmp_path / "plain"
+    uncaptioned.mkdir()
+    picture(0).save(uncaptioned / "a.png")
+    (uncaptioned / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "prompt": "x"}) + "\n")
+    with pytest.raises(SystemExit, match="no cached text features.*pass --text-encoder"):
+        run(init, uncaptioned, tmp_path / "x", "--max-steps", "1")
+    (uncaptioned / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png"}) + "\n")
+    with pytest.raises(SystemExit, match="no caption"):
+        run(init, uncaptioned, tmp_path / "x", "--max-steps", "1")
+
+
+def test_plan_only_prints_the_real_size_plan_of_each_mode(capsys):
+    train.main(["--plan-only"])
+    printed = capsys.readouterr().out
+    print(printed)
+    assert "6,166,464,515 params, 2,548,257,795 trainable" in printed
+    totals, title = {}, None
+    for line in printed.splitlines():
+        if not line.startswith(("  ", "L2P")):
+            title = line
+        elif line.startswith("  total per GPU"):
+            totals[title] = float(line.split()[3])
+    assert len(totals) == 5
+    low = totals["low memory, micro-batch 1, 1 GPU (24 GB card)"]
+    paper = totals["standard, micro-batch 1, 8 GPUs (the paper's setup)"]
+    assert 12 < low < 22 and 20 < paper < 70
+
+
+MEASURE_SCRIPT = """
+import ctypes, gc, json, sys
+from pathlib import Path
+import train
+
+def kib(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
+
+warm, measured = sys.argv[1], sys.argv[2]
+common = sys.argv[3:]
+train.main([*common, "--out", warm, "--max-steps", "1", "--res", "32"])  # imports and lazy library set-up
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
+base = kib("VmRSS")
+train.main([*common, "--out", measured, "--max-steps", "3"])
+print((kib("VmHWM") - base) * 1024)
+"""
+
+
+@pytest.mark.parametrize("res,extra", [(96, []), (64, ["--low-memory", "--ema", "0.99", "--no-grad-checkpointing"])],
+                         ids=["standard-96px", "low-memory-ema-no-checkpointing-64px"])
+def test_the_plan_predicts_measured_peak_memory(init, synth, tmp_path, res, extra):
+    """On CPU the GPU and host parts of the plan share one memory: their sum must match the growth of the peak RSS
+    over a few steps (after a warm-up run has loaded the libraries), within 25%."""
+    common = ["--init", str(init), "--data", str(synth), *TINY, "--res", str(res), *extra]
+    run_ = subprocess.run([sys.executable, "-c", MEASURE_SCRIPT, str(tmp_path / "warm"), str(tmp_path / "measured"),
+                           *common], cwd=ROOT, capture_output=True, text=True, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    measured = int(run_.stdout.split()[-1])
+    plan = log_rows(tmp_path / "measured", "plan")[0]["plan"]
+    predicted = plan["gpu_total"] + plan["host_total"]
+    print(f"res {res} {extra}: plan {predicted / 2**20:.0f} MiB ({plan['gpu']['activations'] / 2**20:.0f} MiB "
+          f"activations), measured peak RSS growth {measured / 2**20:.0f} MiB, ratio {measured / predicted:.2f}")
+    assert 0.75 < measured / predicted < 1.25
