@@ -1,7 +1,7 @@
 """Device check of train.py at real size (6.17B L2P, 1024^2) on one CUDA GPU: measured peak GPU memory against the
 memory plan, in low-memory and standard mode, and the speed of each. Random weights and data (nothing downloaded).
 
-    python tests/train_gpu_check.py <work dir> [--steps 3] [--batch-size 2]
+    python bench/train_gpu_check.py <work dir> [--steps 3] [--batch-size 2]
 
 Prints one JSON line per mode; needs ~13 GB of disk for the random init and ~45 GB of host memory (low memory).
 """
