@@ -1,0 +1,486 @@
+"""
+The whole L2P recipe in miniature, on the CPU: a toy latent text-to-image model is trained on captioned shape scenes
+and saved in Z-Image's published layout; then the real scripts run on it, exactly as on the 6B model:
+
+    synth.py   the source LDM makes the training corpus (images + cached text features)
+    convert.py the latent DiT becomes the pixel model (16x16 RGB patches + Detailer Head)
+    train.py   only the shallow layers train (middle blocks frozen), on the synthetic corpus
+    sample.py  pixel-space samples, side by side with the source
+
+and ShapeEval (bench/shapeworld.py, a rule-based GenEval) scores ground truth, VAE reconstructions, the source, L2P
+and a baseline: the same pixel architecture trained from scratch, every layer trainable, same data and steps.
+
+    python bench/shapes.py            # quick: every stage small, <= 10 min on 2 cores, the qualitative result
+    python bench/shapes.py --full     # sized to measure the claim, <= 60 min on 2 cores
+
+Finished stages are cached under --runs (--fresh redoes them). Output: results.md + results.json (per-task and
+overall ShapeEval, trainable fraction, wall time per stage, the convergence curve), curve.png and grid.png
+(source | L2P | scratch for the same prompts and seeds). The last line printed is the JSON's path.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import model  # noqa: E402
+import shapeworld  # noqa: E402
+
+SIZE = 64  # pixels; the real geometry scaled down: VAE x8 -> 8x8 latent, latent patch 2 -> 4x4 tokens = pixel patch 16
+
+
+@dataclass
+class Plan:
+    """Every size and step count of one run (quick or full)."""
+    vae_steps: int
+    vae_batch: int
+    source_steps: int
+    source_batch: int
+    source_lr: float
+    train_scenes: int  # rendered scenes the source learns from
+    corpus_prompts: int  # prompts x seeds images that synth.py makes for L2P (the paper: 10k x 2)
+    corpus_seeds: int
+    pixel_steps: int  # train.py steps for L2P and for the scratch baseline
+    pixel_batch: int
+    pixel_lr: float
+    curve_every: int
+    eval_prompts: int  # scenes scored per model (x 1 seed)
+    sample_steps: int
+    source_cfg_w: float  # the toy source's CFG, Z-Image convention pos + w (pos - neg)
+    pixel_cfg: float  # L2P convention neg + c (pos - neg)
+    train_blocks: int
+
+
+QUICK = Plan(vae_steps=300, vae_batch=32, source_steps=600, source_batch=64, source_lr=5e-4, train_scenes=4000,
+             corpus_prompts=256, corpus_seeds=2, pixel_steps=150, pixel_batch=16, pixel_lr=2e-4, curve_every=50,
+             eval_prompts=60, sample_steps=12, source_cfg_w=2.0, pixel_cfg=3.0, train_blocks=1)
+FULL = Plan(vae_steps=1500, vae_batch=32, source_steps=3000, source_batch=64, source_lr=5e-4, train_scenes=20000,
+            corpus_prompts=1000, corpus_seeds=2, pixel_steps=1200, pixel_batch=16, pixel_lr=2e-4, curve_every=200,
+            eval_prompts=240, sample_steps=20, source_cfg_w=2.0, pixel_cfg=3.0, train_blocks=1)
+
+TOY_DIT = model.ZImageConfig(in_channels=16, patch_size=2, dim=128, n_layers=6, n_refiner_layers=1, n_heads=4,
+                             cap_feat_dim=64, axes_dims=(8, 12, 12))
+TOY_VAE = model.FluxVAEConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=8)
+TOY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16)
+TOY_SHIFT = 1.0  # 16 latent tokens: a small shift, as the resolution-dependent rule would give
+HEAD_WIDTH = 16  # the toy Detailer Head: the released layout with a quarter of the channels
+
+
+def log(msg: str):
+    print(f"[shapes {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The toy source LDM, trained here and saved in Z-Image's published layout
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_tokenizer(folder: Path):
+    """A word-level tokenizer over the scene vocabulary with Qwen's special tokens and chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<unk>"]
+    words = ["user", "assistant", *shapeworld.caption_vocabulary()]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(specials + words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    template = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+                "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+                "{%- endif %}{%- endif %}")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        unk_token="<unk>", padding_side="right", chat_template=template)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def write_text_encoder(folder: Path, vocab_size: int, pad_id: int, seed: int = 0):
+    """A small random Qwen3 (never trained: like the real recipe, the text encoder stays frozen) in the HF layout."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=vocab_size, max_position_embeddings=512, tie_word_embeddings=True,
+                         pad_token_id=pad_id, rms_norm_eps=1e-6, **TOY_TEXT)
+    text = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        text.model.embed_tokens.weight.normal_()
+    text.save_pretrained(folder)
+
+
+def write_component(folder: Path, module: torch.nn.Module, config: dict, weights_name: str):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    model.write_safetensors(folder / weights_name, {k: v.detach().contiguous() for k, v in module.state_dict().items()})
+
+
+def train_vae(plan: Plan, seed: int) -> model.FluxVAE:
+    """FLUX's autoencoder architecture, small: reconstruction MSE + a light pull of the latent toward the origin."""
+    torch.manual_seed(seed)
+    vae = model.FluxVAE(TOY_VAE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    for step in range(plan.vae_steps):
+        scenes = [shapeworld.make_scene(rng) for _ in range(plan.vae_batch)]
+        x = to_tensor(np.stack([shapeworld.render(s, SIZE) for s in scenes]))
+        mean = vae.encoder(x)[:, :TOY_VAE.latent_channels]
+        z = mean + 0.05 * torch.randn_like(mean)  # decode a slightly noisy latent: the DiT's samples are not exact
+        loss = F.mse_loss(vae.decoder(z), x) + 1e-4 * mean.square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == plan.vae_steps - 1:
+            log(f"vae step {step}: loss {loss.item():.4f}")
+    return vae.eval()
+
+
+@torch.no_grad()
+def normalise_vae(vae: model.FluxVAE, seed: int):
+    """Z-Image's latent normalisation, (mean - shift) * scale, fitted to this VAE: zero mean, unit variance."""
+    rng = np.random.default_rng(seed + 1)
+    x = to_tensor(np.stack([shapeworld.render(shapeworld.make_scene(rng), SIZE) for _ in range(256)]))
+    mean = vae.encoder(x)[:, :TOY_VAE.latent_channels]
+    vae.cfg.shift_factor = float(mean.mean())
+    vae.cfg.scaling_factor = float(1 / mean.std())
+
+
+def encode_captions(text, captions: list[str], batch: int = 256) -> dict[str, torch.Tensor]:
+    """Distinct caption -> its valid feature rows [L, D] (the DiT sees exactly what the text encoder gives it)."""
+    out = {}
+    unique = list(dict.fromkeys(captions))
+    for i in range(0, len(unique), batch):
+        cap, mask = text.encode(unique[i:i + batch])
+        for caption, c, m in zip(unique[i:i + batch], cap, mask):
+            out[caption] = c[m].clone()
+    return out
+
+
+def pad_captions(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(r.shape[0] for r in rows)
+    cap = torch.stack([F.pad(r, (0, 0, 0, L - r.shape[0])) for r in rows])
+    mask = torch.arange(L)[None, :] < torch.tensor([r.shape[0] for r in rows])[:, None]
+    return cap, mask
+
+
+def train_source_dit(plan: Plan, vae: model.FluxVAE, text, seed: int) -> model.ZImageDiT:
+    """The toy Z-Image DiT, trained by flow matching on the VAE's latents (10% empty captions, for CFG)."""
+    rng = np.random.default_rng(seed + 2)
+    scenes = [shapeworld.make_scene(rng) for _ in range(plan.train_scenes)]
+    features = encode_captions(text, [s.caption for s in scenes] + [""])
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(to_tensor(np.stack([shapeworld.render(s, SIZE) for s in scenes[i:i + 256]])))
+                             for i in range(0, len(scenes), 256)])
+    torch.manual_seed(seed)
+    dit = model.ZImageDiT(TOY_DIT)
+    opt = torch.optim.AdamW(dit.parameters(), lr=plan.source_lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(plan.source_steps):
+        idx = torch.randint(len(scenes), (plan.source_batch,), generator=g)
+        drop = torch.rand(plan.source_batch, generator=g) < 0.1
+        cap, mask = pad_captions([features[""] if d else features[scenes[i].caption] for i, d in zip(idx.tolist(), drop)])
+        x0 = latents[idx]
+        u = torch.randint(1, 1001, (plan.source_batch,), generator=g) / 1000
+        sigma = TOY_SHIFT * u / (1 + (TOY_SHIFT - 1) * u)
+        eps = torch.randn(x0.shape, generator=g)
+        x = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * eps
+        lr = plan.source_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / plan.source_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = F.mse_loss(dit(x, sigma, cap, mask), eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == plan.source_steps - 1:
+            log(f"source dit step {step}: loss {loss.item():.4f}")
+    return dit.eval()
+
+
+def build_source(repo: Path, plan: Plan, seed: int) -> None:
+    """Train the toy VAE and DiT and write the repo root exactly as Z-Image publishes it."""
+    tmp = repo.with_name(repo.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = write_tokenizer(tmp / "tokenizer")
+    write_text_encoder(tmp / "text_encoder", len(tokenizer), tokenizer.pad_token_id, seed)
+    text = model.load_text_encoder(tmp, dtype=torch.float32)
+    vae = train_vae(plan, seed)
+    normalise_vae(vae, seed)
+    write_component(tmp / "vae", vae, {"_class_name": "AutoencoderKL", **asdict(vae.cfg), "use_quant_conv": False,
+                                       "use_post_quant_conv": False}, "diffusion_pytorch_model.safetensors")
+    dit = train_source_dit(plan, vae, text, seed)
+    cfg = TOY_DIT
+    write_component(tmp / "transformer", dit, {
+        "_class_name": "ZImageTransformer2DModel", "all_patch_size": [cfg.patch_size], "all_f_patch_size": [1],
+        "in_channels": cfg.in_channels, "dim": cfg.dim, "n_layers": cfg.n_layers, "n_refiner_layers":
+        cfg.n_refiner_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_heads, "norm_eps": cfg.norm_eps,
+        "qk_norm": True, "cap_feat_dim": cfg.cap_feat_dim, "rope_theta": cfg.rope_theta, "t_scale": cfg.t_scale,
+        "axes_dims": list(cfg.axes_dims), "axes_lens": [1536, 512, 512]}, "diffusion_pytorch_model.safetensors")
+    (tmp / "scheduler").mkdir()
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": TOY_SHIFT,
+         "use_dynamic_shifting": False}))
+    (tmp / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline", "toy": "bench/shapes.py"}))
+    tmp.rename(repo)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driving the real scripts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def script(name: str, *args, log_file: Path | None = None):
+    """Run one of the project's scripts as a user would; its output goes to log_file (and the run fails loudly)."""
+    cmd = [sys.executable, str(ROOT / name), *map(str, args)]
+    with open(log_file or os.devnull, "a") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    if result.returncode:
+        raise SystemExit(f"{name} failed (exit {result.returncode}); see {log_file}")
+
+
+def eval_scenes(plan: Plan, seed: int) -> list:
+    return shapeworld.make_scenes(plan.eval_prompts, seed=seed + 1000)
+
+
+def sample_with_script(folder: Path, prompts_file: Path, plan: Plan, n: int, log_file: Path, *, ckpt=None,
+                       latent=None, text_encoder=None) -> np.ndarray:
+    """sample.py on the evaluation prompts (seed 0 for each); returns the images [n, H, W, 3] in prompt order."""
+    shutil.rmtree(folder, ignore_errors=True)
+    flags = ["--prompts", prompts_file, "--res", SIZE, "--out", folder, "--device", "cpu", "--dtype", "fp32",
+             "--batch-size", 32, "--seed", 0]
+    if ckpt is not None:
+        flags += ["--ckpt", ckpt, "--text-encoder", text_encoder, "--steps", plan.sample_steps, "--cfg", plan.pixel_cfg]
+    else:
+        flags += ["--latent", latent, "--latent-steps", plan.sample_steps, "--latent-cfg", plan.source_cfg_w]
+    script("sample.py", *flags, log_file=log_file)
+    suffix = "" if ckpt is not None else "_latent"
+    return np.stack([np.asarray(Image.open(folder / f"{i:03d}_s0{suffix}.png").convert("RGB")) for i in range(n)])
+
+
+def random_pixel_init(path: Path, seed: int):
+    """The scratch baseline's start: the same pixel architecture, every weight freshly initialised."""
+    torch.manual_seed(seed)
+    net = model.ZImageDiT(model.l2p_config(TOY_DIT, 16, HEAD_WIDTH))
+    model.write_safetensors(path, {k: v.detach().contiguous() for k, v in net.state_dict().items()},
+                            {"format": "l2p", "l2p_patch": "16", "source": "random init (scratch baseline)"})
+
+
+def train_with_curve(name: str, init: Path, corpus: Path, run: Path, plan: Plan, train_blocks: int, score_fn,
+                     log_file: Path) -> list[dict]:
+    """train.py in segments of curve_every steps (a resumed run equals an uninterrupted one), scored after each."""
+    shutil.rmtree(run, ignore_errors=True)
+    curve = []
+    for step in range(plan.curve_every, plan.pixel_steps + 1, plan.curve_every):
+        script("train.py", "--init", init, "--data", corpus, "--out", run, "--max-steps", step,
+               "--batch-size", plan.pixel_batch, "--lr", plan.pixel_lr, "--warmup", 20, "--train-blocks", train_blocks,
+               "--res", SIZE, "--dtype", "fp32", "--device", "cpu", "--workers", 0, "--save-every", plan.curve_every,
+               "--sample-every", plan.pixel_steps, "--sample-steps", plan.sample_steps, "--sample-guidance",
+               plan.pixel_cfg, "--log-every", 25, *(["--resume"] if step > plan.curve_every else []),
+               log_file=log_file)
+        score = score_fn(run / "trained.safetensors", f"{name}_step{step}")
+        curve.append({"step": step, "overall": score["overall"], "score": score})
+        log(f"{name} step {step}: ShapeEval {score['overall']:.3f}")
+    return curve
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures and the report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def plot_curve(curve: list[dict], reference: dict[str, float], path: Path, size=(640, 400)):
+    """ShapeEval against training steps, L2P and scratch, with the source as a dashed line (PIL only)."""
+    W, H, pad = *size, 50
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    max_step = max(p["step"] for p in curve)
+    to_xy = lambda step, score: (pad + (W - 2 * pad) * step / max_step, H - pad - (H - 2 * pad) * score)
+    draw.line([to_xy(0, 0), to_xy(max_step, 0)], fill="black")
+    draw.line([to_xy(0, 0), to_xy(0, 1)], fill="black")
+    for tick in (0.25, 0.5, 0.75, 1.0):
+        x, y = to_xy(0, tick)
+        draw.text((x - 32, y - 6), f"{tick:.2f}", fill="black")
+    draw.text((W // 2 - 40, H - pad + 18), f"train steps (max {max_step})", fill="black")
+    draw.text((pad, 10), "ShapeEval overall", fill="black")
+    for name, colour in (("source", (120, 120, 120)), ("ground truth", (180, 180, 180))):
+        (x0, y), (x1, _) = to_xy(0, reference[name]), to_xy(max_step, reference[name])
+        for x in range(int(x0), int(x1), 12):
+            draw.line([(x, y), (min(x + 6, x1), y)], fill=colour, width=2)
+        draw.text((x1 - 90, y - 14), name, fill=colour)
+    for i, (name, colour) in enumerate((("l2p", (200, 40, 40)), ("scratch", (40, 90, 200)))):
+        points = [to_xy(0, 0)] + [to_xy(p["step"], p[name]) for p in curve]
+        draw.line(points, fill=colour, width=3)
+        draw.text((W - pad - 110, pad + 14 * i), f"{name}", fill=colour)
+    img.save(path)
+
+
+def save_grid(columns: dict[str, np.ndarray], path: Path, rows: int = 8):
+    """One row per prompt, one column per model (same prompt and seed across a row)."""
+    rows = min(rows, *(len(images) for images in columns.values()))
+    tiles = [columns[name][i] for i in range(rows) for name in columns]
+    Image.fromarray(shapeworld.grid(tiles, cols=len(columns))).save(path)
+
+
+def write_report(results: dict, out: Path):
+    scores = results["scores"]
+    names = list(scores)
+    lines = [f"# bench/shapes.py ({results['mode']})", "",
+             "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for task in [*shapeworld.TASKS, "overall"]:
+        row = [scores[n]["per_task"][task] if task != "overall" else scores[n]["overall"] for n in names]
+        lines.append(f"| {task} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    lines += ["", f"L2P / source: {results['l2p_over_source']:.1%} (the paper's GenEval ratio: 93%)",
+              f"trainable fraction: L2P {results['trainable_fraction']['l2p']:.1%}, scratch 100%", "",
+              "| step | l2p | scratch |", "|---|---|---|"]
+    lines += [f"| {p['step']} | {p['l2p']:.3f} | {p['scratch']:.3f} |" for p in results["curve"]]
+    lines += ["", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["seconds"].items()]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="the sizes that measure the claim (<= 60 min on 2 cores)")
+    parser.add_argument("--runs", help="where stages are cached (default bench/runs/shapes-quick or shapes-full)")
+    parser.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the world, the toy models and the corpus")
+    return parser.parse_args(argv)
+
+
+def cached(path: Path, build):
+    """The JSON a stage left, or build it now (build returns a dict) and keep it."""
+    if path.exists():
+        return json.loads(path.read_text())
+    value = build()
+    path.write_text(json.dumps(value))
+    return value
+
+
+def main(argv=None, plan: Plan | None = None):
+    args = parse_args(argv)
+    mode = "full" if args.full else "quick"
+    plan = plan or (FULL if args.full else QUICK)
+    out = Path(args.runs or ROOT / "bench" / "runs" / f"shapes-{mode}")
+    if args.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    log_file, seconds, started = out / "scripts.log", {}, time.time()
+    repo, corpus = out / "toy-z-image", out / "corpus"
+
+    scenes = eval_scenes(plan, args.seed)
+    eval_prompts = out / "eval_prompts.txt"
+    eval_prompts.write_text("\n".join(s.caption for s in scenes) + "\n")
+    corpus_prompts = out / "corpus_prompts.txt"
+    corpus_prompts.write_text("\n".join(s.caption for s in shapeworld.make_scenes(plan.corpus_prompts, args.seed + 7))
+                              + "\n")
+
+    def stage(name: str, fn):
+        begin = time.time()
+        value = fn()
+        seconds[name] = seconds.get(name, 0) + time.time() - begin
+        return value
+
+    if not repo.exists():
+        stage("toy source (VAE + DiT training)", lambda: build_source(repo, plan, args.seed))
+    truth = np.stack([shapeworld.render(s, SIZE) for s in scenes])
+
+    def vae_score():
+        vae = model.load_vae(repo)
+        with torch.no_grad():
+            recon = to_uint8(vae.decode(vae.encode(to_tensor(truth))))
+        return shapeworld.score(list(recon), scenes)
+
+    scores = {"ground truth": shapeworld.score(list(truth), scenes),
+              "vae": stage("vae reconstructions", lambda: cached(out / "score_vae.json", vae_score))}
+    source_images = stage("source samples", lambda: sample_with_script(
+        out / "samples_source", eval_prompts, plan, len(scenes), log_file, latent=repo))
+    scores["source"] = shapeworld.score(list(source_images), scenes)
+    log(f"ShapeEval: ground truth {scores['ground truth']['overall']:.3f}, vae {scores['vae']['overall']:.3f}, "
+        f"source {scores['source']['overall']:.3f}")
+
+    if not (corpus / "metadata.jsonl").exists():
+        stage("synth.py corpus", lambda: script(
+            "synth.py", "--src", repo, "--prompts", corpus_prompts, "--out", corpus, "--seeds", plan.corpus_seeds,
+            "--res", SIZE, "--steps", plan.sample_steps, "--cfg", plan.source_cfg_w, "--shift", TOY_SHIFT,
+            "--batch-size", 64, "--device", "cpu", "--dtype", "fp32", log_file=log_file))
+    init, scratch_init = out / "l2p-init.safetensors", out / "scratch-init.safetensors"
+    if not init.exists():
+        stage("convert.py", lambda: script("convert.py", "--src", repo, "--out", init, "--patch", 16,
+                                           "--head-width", HEAD_WIDTH, "--seed", args.seed, log_file=log_file))
+    if not scratch_init.exists():
+        random_pixel_init(scratch_init, args.seed)
+
+    def score_pixel(ckpt: Path, tag: str) -> dict:
+        images = sample_with_script(out / f"samples_{tag}", eval_prompts, plan, len(scenes), log_file, ckpt=ckpt,
+                                    text_encoder=repo)
+        return shapeworld.score(list(images), scenes)
+
+    curves, pixel_images = {}, {}
+    for name, start, blocks in (("l2p", init, plan.train_blocks), ("scratch", scratch_init, TOY_DIT.n_layers // 2)):
+        curves[name] = cached(out / f"curve_{name}.json", lambda: stage(
+            f"train.py + sample.py: {name}", lambda: train_with_curve(
+                name, start, corpus, out / f"run_{name}", plan, blocks, score_pixel, log_file)))
+        last = curves[name][-1]
+        scores[name] = last["score"]
+        folder = out / f"samples_{name}_step{last['step']}"
+        pixel_images[name] = np.stack([np.asarray(Image.open(folder / f"{i:03d}_s0.png").convert("RGB"))
+                                       for i in range(len(scenes))])
+
+    with torch.device("meta"):
+        toy = model.ZImageDiT(model.l2p_config(TOY_DIT, 16, HEAD_WIDTH))
+    trainable, frozen = model.set_trainable(toy, plan.train_blocks)
+    curve = [{"step": a["step"], "l2p": a["overall"], "scratch": b["overall"]}
+             for a, b in zip(curves["l2p"], curves["scratch"])]
+    results = {
+        "mode": mode, "plan": asdict(plan),
+        "overall": {name: scores[name]["overall"] for name in ("ground truth", "vae", "source", "l2p", "scratch")},
+        "scores": scores, "curve": curve,
+        "l2p_over_source": scores["l2p"]["overall"] / max(scores["source"]["overall"], 1e-9),
+        "trainable_fraction": {"l2p": trainable / (trainable + frozen), "scratch": 1.0},
+        "seconds": {**seconds, "total": time.time() - started},
+    }
+    plot_curve(curve, {"source": scores["source"]["overall"], "ground truth": scores["ground truth"]["overall"]},
+               out / "curve.png")
+    save_grid({"source": source_images, "l2p": pixel_images["l2p"], "scratch": pixel_images["scratch"]},
+              out / "grid.png")
+    write_report(results, out)
+    print((out / "results.md").read_text())
+    print(out / "results.json")
+
+
+if __name__ == "__main__":
+    main()
