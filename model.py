@@ -698,7 +698,7 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], m
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share a temp file
     try:
         with open(tmp, "wb") as f:
             f.write(len(header_bytes).to_bytes(8, "little"))

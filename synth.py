@@ -550,9 +550,6 @@ def read_prompts(spec: str) -> list[str]:
 # Settings: the source's own sampling defaults, validated inputs, the corpus fingerprint
 # ----------------------------------------------------------------------------------------------------------------
 
-TURBO_SHIFT = 3.0  # Z-Image-Turbo's scheduler shift; the base model's is 6.0
-TURBO_PRESET = dict(steps=8, cfg=0.0)  # distilled: 8 steps, no guidance
-BASE_PRESET = dict(steps=50, cfg=4.0)  # base: 50 steps, CFG w = 4 (Z-Image convention), negative prompt ""
 NEGATIVE_PROMPT = ""
 # The settings that decide what the images are; a rerun into the same --out must match them all.
 CORPUS_KEYS = ("source", "prompts_sha256", "num_prompts", "seeds", "seed", "width", "height", "steps", "cfg",
@@ -649,10 +646,11 @@ def resolve_settings(args, device: torch.device) -> tuple[dict, list[str], int]:
     src = Path(args.src).resolve()
     source_shift, cap_dim = check_source(src)
     prompts = read_prompts(args.prompts)
-    preset = TURBO_PRESET if source_shift == TURBO_SHIFT else BASE_PRESET
+    preset = model.source_sampler_settings(src)  # Turbo (shift 3): 8 steps, no CFG; base (shift 6): 50, w = 4
     settings = dict(source=src.name, prompts_sha256=hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
                     num_prompts=len(prompts), seeds=args.seeds, seed=args.seed, width=width, height=height,
-                    steps=args.steps or preset["steps"], cfg=float(preset["cfg"] if args.cfg is None else args.cfg),
+                    steps=args.steps or preset["steps"],
+                    cfg=float(preset["guidance"] - 1 if args.cfg is None else args.cfg),
                     shift=float(args.shift or source_shift),
                     dtype="bf16" if args.dtype == "bf16" or args.dtype == "auto" and device.type == "cuda" else "fp32")
     return settings, prompts, cap_dim

@@ -66,16 +66,16 @@ class Plan:
     train_blocks: int
 
 
-QUICK = Plan(vae_steps=300, vae_batch=32, source_steps=600, source_batch=64, source_lr=5e-4, train_scenes=4000,
-             corpus_prompts=256, corpus_seeds=2, pixel_steps=150, pixel_batch=16, pixel_lr=2e-4, curve_every=50,
-             eval_prompts=60, sample_steps=12, source_cfg_w=2.0, pixel_cfg=3.0, train_blocks=1)
-FULL = Plan(vae_steps=1500, vae_batch=32, source_steps=3000, source_batch=64, source_lr=5e-4, train_scenes=20000,
+QUICK = Plan(vae_steps=400, vae_batch=16, source_steps=500, source_batch=32, source_lr=5e-4, train_scenes=2000,
+             corpus_prompts=128, corpus_seeds=2, pixel_steps=100, pixel_batch=8, pixel_lr=2e-4, curve_every=50,
+             eval_prompts=48, sample_steps=10, source_cfg_w=2.0, pixel_cfg=3.0, train_blocks=1)
+FULL = Plan(vae_steps=2000, vae_batch=32, source_steps=3000, source_batch=64, source_lr=5e-4, train_scenes=20000,
             corpus_prompts=1000, corpus_seeds=2, pixel_steps=1200, pixel_batch=16, pixel_lr=2e-4, curve_every=200,
             eval_prompts=240, sample_steps=20, source_cfg_w=2.0, pixel_cfg=3.0, train_blocks=1)
 
 TOY_DIT = model.ZImageConfig(in_channels=16, patch_size=2, dim=128, n_layers=6, n_refiner_layers=1, n_heads=4,
                              cap_feat_dim=64, axes_dims=(8, 12, 12))
-TOY_VAE = model.FluxVAEConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=8)
+TOY_VAE = model.FluxVAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
 TOY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16)
 TOY_SHIFT = 1.0  # 16 latent tokens: a small shift, as the resolution-dependent rule would give
