@@ -915,6 +915,7 @@ def main(argv=None) -> dict:
     counts = torch.tensor([written, len(mine) - len(pending), encoded], device=device)
     if world > 1:
         dist.all_reduce(counts)  # also the meeting point: it returns once every rank has finished its images
+        dist.barrier()  # no rank tears gloo down while a peer is still finishing the reduction (an exit-time abort)
         dist.destroy_process_group()
     written, skipped, encoded = counts.tolist()
     summary = dict(written=written, skipped=skipped, encoded=encoded, seconds=time.time() - start)
