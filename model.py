@@ -6,13 +6,14 @@ x_sigma = (1 - sigma) * x0 + sigma * eps; every model's forward takes sigma and 
 Published formats are converted at their boundary (loading), nowhere else.
 
 Sections
-  1. Blocks         RMSNorm helpers, 3-axis RoPE, attention, SwiGLU feed-forward, the (modulated) DiT block
-  2. Z-Image DiT    ZImageConfig, ZImageDiT: forward(x, sigma, cap, cap_mask) -> v
-  3. L2P head       (pixel model; added with the L2P issue)
+  1. Blocks         3-axis RoPE, attention (q/k RMSNorm, SDPA), SwiGLU feed-forward, the (modulated) DiT block
+  2. Z-Image DiT    ZImageConfig, ZImageDiT: forward(x, sigma, cap, cap_mask) -> v (latent, or L2P pixels)
+  3. L2P head       DetailerHead, l2p_config (latent config -> pixel config), set_trainable (the freeze policy)
   4. VAE            FluxVAEConfig, FluxVAE: encode(img) -> normalised latent, decode(latent) -> img
   5. Text encoder   TextEncoder: Qwen3 through transformers, encode(prompts) -> (cap, cap_mask)
-  6. Loading        layout detection, streaming safetensors reads, meta-device init + assign
-  7. Sampling       shifted sigma grid, Euler sampler with classifier-free guidance
+  6. Loading        safetensors read / streaming write, layout detection, meta-device init + assign:
+                    load_model (Z-Image and L2P, every layout), load_vae, load_text_encoder
+  7. Sampling       shifted sigma grid, per-seed noise, Euler sampler with CFG, generate, the source's presets
 """
 
 import json
