@@ -22,11 +22,14 @@ import os
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # annotations only: transformers is imported lazily (section 5)
+    from transformers import Qwen3Config, Qwen3Model
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Blocks

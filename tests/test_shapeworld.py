@@ -19,7 +19,6 @@ from bench.shapeworld import (
     NUMBER_WORDS,
     PALETTE,
     POSITION_MARGIN,
-    RELATIONS,
     SHAPES,
     TASKS,
     Obj,

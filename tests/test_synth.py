@@ -53,15 +53,6 @@ def temp_files(out: Path) -> list[Path]:
     return [p for folder in (out, out / "images", out / "features") for p in folder.glob(".*")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread avoids OpenMP's spin-waits, which cost seconds on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     return make_tiny_zimage_repo(tmp_path_factory.mktemp("src") / "Z-Image-Turbo")

@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, Qwen3Model
 
-from model import CheckpointError, TextEncoder, load_text_encoder, qwen3_config_from_shapes, qwen3_from_tensors
+from model import CheckpointError, load_text_encoder, qwen3_config_from_shapes, qwen3_from_tensors
 from tiny import read_format
 from tiny_text import make_tiny_text_encoder
 

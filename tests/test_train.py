@@ -30,15 +30,6 @@ TINY = ["--dtype", "fp32", "--device", "cpu", "--workers", "0", "--res", "32", "
 CAP_DIM = 64  # the tiny text encoder's hidden size = the tiny DiT's cap_feat_dim
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread gains nothing, and on a busy 2-core machine spinning threads cost up to 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     return make_tiny_zimage_repo(tmp_path_factory.mktemp("Z-Image-Turbo"))

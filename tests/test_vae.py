@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from model import CheckpointError, FluxVAE, FluxVAEConfig, flux_vae_from_ldm, load_vae
 from tiny import read_format
-from tiny_vae import TINY_VAE_CONFIG, ldm_vae_state_dict, save_tiny_vae, write_ae_safetensors
+from tiny_vae import TINY_VAE_CONFIG, save_tiny_vae, write_ae_safetensors
 
 TINY_CONFIG = FluxVAEConfig(**{k: v for k, v in TINY_VAE_CONFIG.items() if k in FluxVAEConfig.__dataclass_fields__})
 
