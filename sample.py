@@ -73,21 +73,24 @@ def read_prompts(args) -> list[str]:
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8 (rounded, clamped)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, rounded as diffusers' image processor does."""
+    return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_png(path: Path, pixels: np.ndarray, text: dict[str, str] | None = None) -> None:
-    """Write an 8-bit RGB PNG atomically, with `text` as PNG text chunks."""
+    """Write an 8-bit RGB PNG atomically (per-process temp file, fsync, rename), `text` as PNG text chunks."""
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, str(value))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
-        tmp.replace(path)
+        with open(tmp, "wb") as f:
+            Image.fromarray(pixels).save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

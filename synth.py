@@ -48,11 +48,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from safetensors import safe_open
 from tqdm import tqdm
 
 import model
+from sample import save_png, to_uint8
 
 # ----------------------------------------------------------------------------------------------------------------
 # Built-in prompts: the paper's taxonomy (4 super-classes, 17 sub-classes), composed deterministically
@@ -699,14 +700,6 @@ def feature_name(key: str) -> str:
     return f"features/{key}.safetensors"
 
 
-def save_png(path: Path, pixels, text: dict) -> None:
-    """pixels: uint8 [H, W, 3] array; text: written as PNG text chunks (UTF-8 where latin-1 does not do)."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in text.items():
-        info.add_text(key, str(value))
-    atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG", pnginfo=info))
-
-
 def png_done(path: Path, width: int, height: int) -> bool:
     """True if the image is there under its final name, decodes completely and has the corpus size."""
     if not path.exists():
@@ -731,11 +724,6 @@ def load_features(path: Path, prompt: str, dim: int) -> torch.Tensor | None:
     except Exception:  # whatever makes it unreadable (torn, not safetensors, no "cap"), it is not done
         return None
     return cap if cap.dtype == torch.bfloat16 and cap.ndim == 2 and cap.shape[1] == dim and len(cap) else None
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, rounded as diffusers' image processor does."""
-    return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def write_grid(out: Path, files: list[str], columns: int = 8, thumb: int = 128) -> None:
@@ -860,7 +848,7 @@ def make_images(out: Path, src: Path, prompts: list[str], pending: list, feature
             images = model.generate(dit, cap, mask, seeds, settings["height"], settings["width"], settings["steps"],
                                     settings["shift"], guidance=1 + settings["cfg"], neg_cap=neg_cap,
                                     neg_mask=neg_mask, vae=vae)
-            for (i, j), seed, pixels in zip(batch, seeds, to_uint8(images).cpu().numpy()):
+            for (i, j), seed, pixels in zip(batch, seeds, to_uint8(images)):
                 text = dict(prompt=prompts[i], seed=seed, steps=settings["steps"], cfg=settings["cfg"],
                             shift=settings["shift"], source=settings["source"], software="l2p synth.py")
                 saving.append(writer.submit(save_png, out / image_name(i, j), pixels, text))
