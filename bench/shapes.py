@@ -13,9 +13,10 @@ and a baseline: the same pixel architecture trained from scratch, every layer tr
     python bench/shapes.py            # quick: every stage small, <= 10 min on 2 cores, the qualitative result
     python bench/shapes.py --full     # sized to measure the claim, <= 60 min on 2 cores
 
-Finished stages are cached under --runs (--fresh redoes them). Output: results.md + results.json (per-task and
-overall ShapeEval, trainable fraction, wall time per stage, the convergence curve), curve.png and grid.png
-(source | L2P | scratch for the same prompts and seeds). The last line printed is the JSON's path.
+Finished stages are cached under --runs with their wall time (--fresh redoes them). Output: results.md +
+results.json (per-task and overall ShapeEval, trainable fraction, seconds per stage, the convergence curve: ShapeEval
+and the validation loss on held-out source samples, for L2P and scratch), curve.png and grid.png (source | L2P |
+scratch for the same prompts and seeds). The last line printed is the JSON's path.
 """
 
 import argparse
@@ -26,7 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ class Plan:
     """Every size and step count of one run (quick or full)."""
     vae_steps: int
     vae_batch: int
+    vae_lr: float
     source_steps: int
     source_batch: int
     source_lr: float
@@ -67,12 +69,12 @@ class Plan:
     train_blocks: int
 
 
-QUICK = Plan(vae_steps=400, vae_batch=16, source_steps=500, source_batch=32, source_lr=5e-4, train_scenes=2000,
-             corpus_prompts=128, corpus_seeds=2, pixel_steps=100, pixel_batch=8, pixel_lr=2e-4, curve_every=50,
-             eval_prompts=48, sample_steps=10, source_cfg_w=2.0, pixel_cfg=3.0, train_blocks=1)
-FULL = Plan(vae_steps=2000, vae_batch=32, source_steps=3000, source_batch=64, source_lr=5e-4, train_scenes=20000,
-            corpus_prompts=1000, corpus_seeds=2, pixel_steps=1200, pixel_batch=16, pixel_lr=2e-4, curve_every=200,
-            eval_prompts=240, sample_steps=20, source_cfg_w=2.0, pixel_cfg=3.0, train_blocks=1)
+QUICK = Plan(vae_steps=900, vae_batch=16, vae_lr=2e-3, source_steps=600, source_batch=32, source_lr=2e-3,
+             train_scenes=4000, corpus_prompts=128, corpus_seeds=2, pixel_steps=300, pixel_batch=16, pixel_lr=1e-3,
+             curve_every=100, eval_prompts=48, sample_steps=10, source_cfg_w=2.0, pixel_cfg=2.0, train_blocks=1)
+FULL = Plan(vae_steps=2000, vae_batch=16, vae_lr=3e-3, source_steps=3000, source_batch=64, source_lr=2e-3,
+            train_scenes=20000, corpus_prompts=1000, corpus_seeds=2, pixel_steps=3000, pixel_batch=16, pixel_lr=1e-3,
+            curve_every=600, eval_prompts=192, sample_steps=20, source_cfg_w=2.0, pixel_cfg=2.0, train_blocks=1)
 
 TOY_DIT = model.ZImageConfig(in_channels=16, patch_size=2, dim=128, n_layers=6, n_refiner_layers=1, n_heads=4,
                              cap_feat_dim=64, axes_dims=(8, 12, 12))
@@ -80,6 +82,7 @@ TOY_VAE = model.FluxVAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_bl
 TOY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16)
 TOY_SHIFT = 1.0  # 16 latent tokens: a small shift, as the resolution-dependent rule would give
+VAE_POOL = 2000  # scenes rendered once for the VAE (rendering is cheap, but not free at every step)
 HEAD_WIDTH = 16  # the toy Detailer Head: the released layout with a quarter of the channels
 
 
@@ -137,18 +140,25 @@ def write_component(folder: Path, module: torch.nn.Module, config: dict, weights
     model.write_safetensors(folder / weights_name, {k: v.detach().contiguous() for k, v in module.state_dict().items()})
 
 
+def cosine_lr(peak: float, step: int, steps: int, warmup: int = 50) -> float:
+    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def train_vae(plan: Plan, seed: int) -> model.FluxVAE:
     """FLUX's autoencoder architecture, small: reconstruction MSE + a light pull of the latent toward the origin."""
     torch.manual_seed(seed)
-    vae = model.FluxVAE(TOY_VAE)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    vae = model.FluxVAE(replace(TOY_VAE))  # a copy: normalise_vae writes the fitted factors into vae.cfg
+    opt = torch.optim.AdamW(vae.parameters(), lr=plan.vae_lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
+    pool = to_tensor(np.stack([shapeworld.render(shapeworld.make_scene(rng), SIZE) for _ in range(VAE_POOL)]))
+    g = torch.Generator().manual_seed(seed)
     for step in range(plan.vae_steps):
-        scenes = [shapeworld.make_scene(rng) for _ in range(plan.vae_batch)]
-        x = to_tensor(np.stack([shapeworld.render(s, SIZE) for s in scenes]))
+        x = pool[torch.randint(len(pool), (plan.vae_batch,), generator=g)]
         mean = vae.encoder(x)[:, :TOY_VAE.latent_channels]
         z = mean + 0.05 * torch.randn_like(mean)  # decode a slightly noisy latent: the DiT's samples are not exact
         loss = F.mse_loss(vae.decoder(z), x) + 1e-4 * mean.square().mean()
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(plan.vae_lr, step, plan.vae_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -206,9 +216,8 @@ def train_source_dit(plan: Plan, vae: model.FluxVAE, text, seed: int) -> model.Z
         sigma = TOY_SHIFT * u / (1 + (TOY_SHIFT - 1) * u)
         eps = torch.randn(x0.shape, generator=g)
         x = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * eps
-        lr = plan.source_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / plan.source_steps))
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = cosine_lr(plan.source_lr, step, plan.source_steps, warmup=100)
         loss = F.mse_loss(dit(x, sigma, cap, mask), eps - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -266,9 +275,9 @@ def eval_scenes(plan: Plan, seed: int) -> list:
     return shapeworld.make_scenes(plan.eval_prompts, seed=seed + 1000)
 
 
-def sample_with_script(folder: Path, prompts_file: Path, plan: Plan, n: int, log_file: Path, *, ckpt=None,
-                       latent=None, text_encoder=None) -> np.ndarray:
-    """sample.py on the evaluation prompts (seed 0 for each); returns the images [n, H, W, 3] in prompt order."""
+def sample_with_script(folder: Path, prompts_file: Path, plan: Plan, log_file: Path, *, ckpt=None, latent=None,
+                       text_encoder=None):
+    """sample.py on the evaluation prompts, seed 0 each: <folder>/<prompt index>_s0.png (_latent for the source)."""
     shutil.rmtree(folder, ignore_errors=True)
     flags = ["--prompts", prompts_file, "--res", SIZE, "--out", folder, "--device", "cpu", "--dtype", "fp32",
              "--batch-size", 32, "--seed", 0]
@@ -277,8 +286,6 @@ def sample_with_script(folder: Path, prompts_file: Path, plan: Plan, n: int, log
     else:
         flags += ["--latent", latent, "--latent-steps", plan.sample_steps, "--latent-cfg", plan.source_cfg_w]
     script("sample.py", *flags, log_file=log_file)
-    suffix = "" if ckpt is not None else "_latent"
-    return np.stack([np.asarray(Image.open(folder / f"{i:03d}_s0{suffix}.png").convert("RGB")) for i in range(n)])
 
 
 def random_pixel_init(path: Path, seed: int):
@@ -289,21 +296,39 @@ def random_pixel_init(path: Path, seed: int):
                             {"format": "l2p", "l2p_patch": "16", "source": "random init (scratch baseline)"})
 
 
+VAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@torch.no_grad()
+def validation_loss(ckpt: Path, images: torch.Tensor, cap: torch.Tensor, cap_mask: torch.Tensor) -> float:
+    """The flow-matching loss on held-out images (the source's samples for the evaluation prompts) at fixed sigmas
+    and noise: a continuous measure of convergence that moves before ShapeEval, which needs well-formed objects."""
+    net = model.load_model(ckpt, dtype=torch.float32).eval()
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for s in VAL_SIGMAS:
+        sigma = torch.full((len(images),), s)
+        v = net((1 - s) * images + s * noise, sigma, cap, cap_mask)
+        losses.append(float((v - (noise - images)).square().mean()))
+    return sum(losses) / len(losses)
+
+
 def train_with_curve(name: str, init: Path, corpus: Path, run: Path, plan: Plan, train_blocks: int, score_fn,
                      log_file: Path) -> list[dict]:
-    """train.py in segments of curve_every steps (a resumed run equals an uninterrupted one), scored after each."""
+    """train.py in segments of curve_every steps (a resumed run equals an uninterrupted one), scored after each:
+    score_fn(checkpoint, tag) -> (ShapeEval dict, validation loss)."""
     shutil.rmtree(run, ignore_errors=True)
     curve = []
     for step in range(plan.curve_every, plan.pixel_steps + 1, plan.curve_every):
         script("train.py", "--init", init, "--data", corpus, "--out", run, "--max-steps", step,
                "--batch-size", plan.pixel_batch, "--lr", plan.pixel_lr, "--warmup", 20, "--train-blocks", train_blocks,
-               "--res", SIZE, "--dtype", "fp32", "--device", "cpu", "--workers", 0, "--save-every", plan.curve_every,
+               "--res", SIZE, "--dtype", "fp32", "--device", "cpu", "--workers", 0, "--no-grad-checkpointing", "--save-every", plan.curve_every,
                "--sample-every", plan.pixel_steps, "--sample-steps", plan.sample_steps, "--sample-guidance",
                plan.pixel_cfg, "--log-every", 25, *(["--resume"] if step > plan.curve_every else []),
                log_file=log_file)
-        score = score_fn(run / "trained.safetensors", f"{name}_step{step}")
-        curve.append({"step": step, "overall": score["overall"], "score": score})
-        log(f"{name} step {step}: ShapeEval {score['overall']:.3f}")
+        score, val = score_fn(run / "trained.safetensors", f"{name}_step{step}")
+        curve.append({"step": step, "overall": score["overall"], "val_loss": val, "score": score})
+        log(f"{name} step {step}: ShapeEval {score['overall']:.3f}, validation loss {val:.4f}")
     return curve
 
 
@@ -312,37 +337,62 @@ def train_with_curve(name: str, init: Path, corpus: Path, run: Path, plan: Plan,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def plot_curve(curve: list[dict], reference: dict[str, float], path: Path, size=(640, 400)):
-    """ShapeEval against training steps, L2P and scratch, with the source as a dashed line (PIL only)."""
-    W, H, pad = *size, 50
+def plot_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, top: float,
+               lines: dict[str, tuple[list[tuple[int, float]], tuple[int, int, int]]],
+               references: dict[str, tuple[float, tuple[int, int, int]]]):
+    """One line chart in box (x0, y0, x1, y1): y from 0 to top, solid lines of (step, value) and dashed references."""
+    x0, y0, x1, y1 = box
+    max_step = max(step for points, _ in lines.values() for step, _ in points)
+    to_xy = lambda step, value: (x0 + (x1 - x0) * step / max_step, y1 - (y1 - y0) * min(value, top) / top)
+    draw.line([to_xy(0, 0), to_xy(max_step, 0)], fill="black")
+    draw.line([to_xy(0, 0), to_xy(0, top)], fill="black")
+    for tick in np.linspace(0, top, 5)[1:]:
+        x, y = to_xy(0, tick)
+        draw.text((x - 36, y - 6), f"{tick:.2f}", fill="black")
+    draw.text(((x0 + x1) // 2 - 50, y1 + 18), f"train steps (max {max_step})", fill="black")
+    draw.text((x0, y0 - 34), title, fill="black")
+    for name, (value, colour) in references.items():
+        (xa, y), (xb, _) = to_xy(0, value), to_xy(max_step, value)
+        for x in range(int(xa), int(xb), 12):
+            draw.line([(x, y), (min(x + 6, xb), y)], fill=colour, width=2)
+        draw.text((xb - 90, y - 14), name, fill=colour)
+    for i, (name, (points, colour)) in enumerate(lines.items()):
+        draw.line([to_xy(*p) for p in points], fill=colour, width=3)
+        draw.text((x1 - 60, y0 + 14 * i), name, fill=colour)
+
+
+CURVE_COLOURS = {"l2p": (200, 40, 40), "scratch": (40, 90, 200)}
+
+
+def plot_curve(curve: list[dict], reference: dict[str, float], path: Path, size=(1100, 420)):
+    """Left: ShapeEval against training steps (the source and ground truth dashed); right: the validation loss."""
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
-    max_step = max(p["step"] for p in curve)
-    to_xy = lambda step, score: (pad + (W - 2 * pad) * step / max_step, H - pad - (H - 2 * pad) * score)
-    draw.line([to_xy(0, 0), to_xy(max_step, 0)], fill="black")
-    draw.line([to_xy(0, 0), to_xy(0, 1)], fill="black")
-    for tick in (0.25, 0.5, 0.75, 1.0):
-        x, y = to_xy(0, tick)
-        draw.text((x - 32, y - 6), f"{tick:.2f}", fill="black")
-    draw.text((W // 2 - 40, H - pad + 18), f"train steps (max {max_step})", fill="black")
-    draw.text((pad, 10), "ShapeEval overall", fill="black")
-    for name, colour in (("source", (120, 120, 120)), ("ground truth", (180, 180, 180))):
-        (x0, y), (x1, _) = to_xy(0, reference[name]), to_xy(max_step, reference[name])
-        for x in range(int(x0), int(x1), 12):
-            draw.line([(x, y), (min(x + 6, x1), y)], fill=colour, width=2)
-        draw.text((x1 - 90, y - 14), name, fill=colour)
-    for i, (name, colour) in enumerate((("l2p", (200, 40, 40)), ("scratch", (40, 90, 200)))):
-        points = [to_xy(0, 0)] + [to_xy(p["step"], p[name]) for p in curve]
-        draw.line(points, fill=colour, width=3)
-        draw.text((W - pad - 110, pad + 14 * i), f"{name}", fill=colour)
+    W, H = size
+    plot_panel(draw, (60, 60, W // 2 - 30, H - 50), "ShapeEval overall", 1.0,
+               {name: ([(0, 0.0)] + [(p["step"], p[name]) for p in curve], c) for name, c in CURVE_COLOURS.items()},
+               {"source": (reference["source"], (120, 120, 120)),
+                "ground truth": (reference["ground truth"], (180, 180, 180))})
+    top = max(p[f"{name}_val_loss"] for p in curve for name in CURVE_COLOURS) * 1.1
+    plot_panel(draw, (W // 2 + 60, 60, W - 30, H - 50), "validation loss (held-out source samples)", top,
+               {name: ([(p["step"], p[f"{name}_val_loss"]) for p in curve], c) for name, c in CURVE_COLOURS.items()},
+               {})
     img.save(path)
 
 
-def save_grid(columns: dict[str, np.ndarray], path: Path, rows: int = 8):
-    """One row per prompt, one column per model (same prompt and seed across a row)."""
+def save_grid(columns: dict[str, np.ndarray], prompts: list[str], path: Path, rows: int = 8):
+    """One row per prompt (written at its right), one column per model, headed by its name; same seed in a row."""
     rows = min(rows, *(len(images) for images in columns.values()))
-    tiles = [columns[name][i] for i in range(rows) for name in columns]
-    Image.fromarray(shapeworld.grid(tiles, cols=len(columns))).save(path)
+    tiles = shapeworld.grid([columns[name][i] for i in range(rows) for name in columns], cols=len(columns))
+    header, margin, tile = 16, 300, SIZE + 2
+    img = Image.new("RGB", (tiles.shape[1] + margin, tiles.shape[0] + header), "white")
+    img.paste(Image.fromarray(tiles), (0, header))
+    draw = ImageDraw.Draw(img)
+    for j, name in enumerate(columns):
+        draw.text((j * tile + 2, 2), name, fill="black")
+    for i in range(rows):
+        draw.text((tiles.shape[1] + 8, header + i * tile + SIZE // 2 - 6), prompts[i], fill="black")
+    img.save(path)
 
 
 def write_report(results: dict, out: Path):
@@ -355,8 +405,10 @@ def write_report(results: dict, out: Path):
         lines.append(f"| {task} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
     lines += ["", f"L2P / source: {results['l2p_over_source']:.1%} (the paper's GenEval ratio: 93%)",
               f"trainable fraction: L2P {results['trainable_fraction']['l2p']:.1%}, scratch 100%", "",
-              "| step | l2p | scratch |", "|---|---|---|"]
-    lines += [f"| {p['step']} | {p['l2p']:.3f} | {p['scratch']:.3f} |" for p in results["curve"]]
+              "| step | ShapeEval l2p | ShapeEval scratch | validation loss l2p | validation loss scratch |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {p['step']} | {p['l2p']:.3f} | {p['scratch']:.3f} | {p['l2p_val_loss']:.4f} | "
+              f"{p['scratch_val_loss']:.4f} |" for p in results["curve"]]
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["seconds"].items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -377,15 +429,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def cached(path: Path, build):
-    """The JSON a stage left, or build it now (build returns a dict) and keep it."""
-    if path.exists():
-        return json.loads(path.read_text())
-    value = build()
-    path.write_text(json.dumps(value))
-    return value
-
-
 def main(argv=None, plan: Plan | None = None):
     args = parse_args(argv)
     mode = "full" if args.full else "quick"
@@ -395,7 +438,9 @@ def main(argv=None, plan: Plan | None = None):
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)
-    log_file, seconds, started = out / "scripts.log", {}, time.time()
+    log_file, seconds_file = out / "scripts.log", out / "seconds.json"
+    # wall time per stage, kept with the cache: a report built from cached stages still shows what each one cost
+    seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
     repo, corpus = out / "toy-z-image", out / "corpus"
 
     scenes = eval_scenes(plan, args.seed)
@@ -405,14 +450,19 @@ def main(argv=None, plan: Plan | None = None):
     corpus_prompts.write_text("\n".join(s.caption for s in shapeworld.make_scenes(plan.corpus_prompts, args.seed + 7))
                               + "\n")
 
-    def stage(name: str, fn):
+    def stage(name: str, build, done: Path, keep_json: bool = False):
+        """Run one stage unless `done` shows it finished; with keep_json, build's dict is kept in `done`."""
+        if done.exists():
+            return json.loads(done.read_text()) if keep_json else None
         begin = time.time()
-        value = fn()
-        seconds[name] = seconds.get(name, 0) + time.time() - begin
+        value = build()
+        if keep_json:
+            done.write_text(json.dumps(value))
+        seconds[name] = time.time() - begin
+        seconds_file.write_text(json.dumps(seconds))
         return value
 
-    if not repo.exists():
-        stage("toy source (VAE + DiT training)", lambda: build_source(repo, plan, args.seed))
+    stage("toy source (VAE + DiT training)", lambda: build_source(repo, plan, args.seed), repo)
     truth = np.stack([shapeworld.render(s, SIZE) for s in scenes])
 
     def vae_score():
@@ -421,59 +471,65 @@ def main(argv=None, plan: Plan | None = None):
             recon = to_uint8(vae.decode(vae.encode(to_tensor(truth))))
         return shapeworld.score(list(recon), scenes)
 
+    def read_samples(folder: Path, suffix: str = "") -> np.ndarray:
+        return np.stack([np.asarray(Image.open(folder / f"{i:03d}_s0{suffix}.png").convert("RGB"))
+                         for i in range(len(scenes))])
+
+    def source_score():
+        sample_with_script(out / "samples_source", eval_prompts, plan, log_file, latent=repo)
+        return shapeworld.score(list(read_samples(out / "samples_source", "_latent")), scenes)
+
     scores = {"ground truth": shapeworld.score(list(truth), scenes),
-              "vae": stage("vae reconstructions", lambda: cached(out / "score_vae.json", vae_score))}
-    source_images = stage("source samples", lambda: sample_with_script(
-        out / "samples_source", eval_prompts, plan, len(scenes), log_file, latent=repo))
-    scores["source"] = shapeworld.score(list(source_images), scenes)
+              "vae": stage("vae reconstructions", vae_score, out / "score_vae.json", keep_json=True),
+              "source": stage("source samples", source_score, out / "score_source.json", keep_json=True)}
+    source_images = read_samples(out / "samples_source", "_latent")
     log(f"ShapeEval: ground truth {scores['ground truth']['overall']:.3f}, vae {scores['vae']['overall']:.3f}, "
         f"source {scores['source']['overall']:.3f}")
 
-    if not (corpus / "metadata.jsonl").exists():
-        stage("synth.py corpus", lambda: script(
-            "synth.py", "--src", repo, "--prompts", corpus_prompts, "--out", corpus, "--seeds", plan.corpus_seeds,
-            "--res", SIZE, "--steps", plan.sample_steps, "--cfg", plan.source_cfg_w, "--shift", TOY_SHIFT,
-            "--batch-size", 64, "--device", "cpu", "--dtype", "fp32", log_file=log_file))
+    stage("synth.py corpus", lambda: script(
+        "synth.py", "--src", repo, "--prompts", corpus_prompts, "--out", corpus, "--seeds", plan.corpus_seeds,
+        "--res", SIZE, "--steps", plan.sample_steps, "--cfg", plan.source_cfg_w, "--shift", TOY_SHIFT,
+        "--batch-size", 64, "--device", "cpu", "--dtype", "fp32", log_file=log_file), corpus / "metadata.jsonl")
     init, scratch_init = out / "l2p-init.safetensors", out / "scratch-init.safetensors"
-    if not init.exists():
-        stage("convert.py", lambda: script("convert.py", "--src", repo, "--out", init, "--patch", 16,
-                                           "--head-width", HEAD_WIDTH, "--seed", args.seed, log_file=log_file))
+    stage("convert.py", lambda: script("convert.py", "--src", repo, "--out", init, "--patch", 16, "--head-width",
+                                       HEAD_WIDTH, "--seed", args.seed, log_file=log_file), init)
     if not scratch_init.exists():
         random_pixel_init(scratch_init, args.seed)
 
-    def score_pixel(ckpt: Path, tag: str) -> dict:
-        images = sample_with_script(out / f"samples_{tag}", eval_prompts, plan, len(scenes), log_file, ckpt=ckpt,
-                                    text_encoder=repo)
-        return shapeworld.score(list(images), scenes)
+    text = model.load_text_encoder(repo, dtype=torch.float32)
+    val_cap, val_mask = text.encode([s.caption for s in scenes])
+    del text
+
+    def score_pixel(ckpt: Path, tag: str) -> tuple[dict, float]:
+        sample_with_script(out / f"samples_{tag}", eval_prompts, plan, log_file, ckpt=ckpt, text_encoder=repo)
+        score = shapeworld.score(list(read_samples(out / f"samples_{tag}")), scenes)
+        return score, validation_loss(ckpt, to_tensor(source_images), val_cap, val_mask)
 
     curves, pixel_images = {}, {}
     for name, start, blocks in (("l2p", init, plan.train_blocks), ("scratch", scratch_init, TOY_DIT.n_layers // 2)):
-        curves[name] = cached(out / f"curve_{name}.json", lambda: stage(
-            f"train.py + sample.py: {name}", lambda: train_with_curve(
-                name, start, corpus, out / f"run_{name}", plan, blocks, score_pixel, log_file)))
-        last = curves[name][-1]
-        scores[name] = last["score"]
-        folder = out / f"samples_{name}_step{last['step']}"
-        pixel_images[name] = np.stack([np.asarray(Image.open(folder / f"{i:03d}_s0.png").convert("RGB"))
-                                       for i in range(len(scenes))])
+        curves[name] = stage(f"train.py + sample.py: {name}", lambda: train_with_curve(
+            name, start, corpus, out / f"run_{name}", plan, blocks, score_pixel, log_file), out / f"curve_{name}.json",
+            keep_json=True)
+        scores[name] = curves[name][-1]["score"]
+        pixel_images[name] = read_samples(out / f"samples_{name}_step{curves[name][-1]['step']}")
 
     with torch.device("meta"):
         toy = model.ZImageDiT(model.l2p_config(TOY_DIT, 16, HEAD_WIDTH))
     trainable, frozen = model.set_trainable(toy, plan.train_blocks)
-    curve = [{"step": a["step"], "l2p": a["overall"], "scratch": b["overall"]}
-             for a, b in zip(curves["l2p"], curves["scratch"])]
+    curve = [{"step": a["step"], "l2p": a["overall"], "scratch": b["overall"], "l2p_val_loss": a["val_loss"],
+              "scratch_val_loss": b["val_loss"]} for a, b in zip(curves["l2p"], curves["scratch"])]
     results = {
         "mode": mode, "plan": asdict(plan),
         "overall": {name: scores[name]["overall"] for name in ("ground truth", "vae", "source", "l2p", "scratch")},
         "scores": scores, "curve": curve,
         "l2p_over_source": scores["l2p"]["overall"] / max(scores["source"]["overall"], 1e-9),
         "trainable_fraction": {"l2p": trainable / (trainable + frozen), "scratch": 1.0},
-        "seconds": {**seconds, "total": time.time() - started},
+        "seconds": {**seconds, "total": sum(seconds.values())},
     }
     plot_curve(curve, {"source": scores["source"]["overall"], "ground truth": scores["ground truth"]["overall"]},
                out / "curve.png")
     save_grid({"source": source_images, "l2p": pixel_images["l2p"], "scratch": pixel_images["scratch"]},
-              out / "grid.png")
+              [s.caption for s in scenes], out / "grid.png")
     write_report(results, out)
     print((out / "results.md").read_text())
     print(out / "results.json")

@@ -29,8 +29,9 @@ def test_every_stage_runs_and_the_l2p_loss_falls(tmp_path):
     assert set(results["overall"]) == {"ground truth", "vae", "source", "l2p", "scratch"}
     assert results["overall"]["ground truth"] >= 0.98
     assert [p["step"] for p in results["curve"]] == [12, 24]
+    assert all(0 < p[f"{name}_val_loss"] < 10 for p in results["curve"] for name in ("l2p", "scratch"))
     assert 0 < results["trainable_fraction"]["l2p"] < 1
-    assert Image.open(tmp_path / "grid.png").size[0] > 3 * 64 and Image.open(tmp_path / "curve.png").size == (640, 400)
+    assert Image.open(tmp_path / "grid.png").size[0] > 3 * 64 and Image.open(tmp_path / "curve.png").size == (1100, 420)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run_l2p" / "log.jsonl").read_text().splitlines()
               if "loss" in line]
     assert len(losses) >= 4 and sum(losses[-2:]) < sum(losses[:2])
