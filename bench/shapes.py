@@ -210,7 +210,8 @@ def train_source_dit(plan: Plan, vae: model.FluxVAE, text, seed: int) -> model.Z
     for step in range(plan.source_steps):
         idx = torch.randint(len(scenes), (plan.source_batch,), generator=g)
         drop = torch.rand(plan.source_batch, generator=g) < 0.1
-        cap, mask = pad_captions([features[""] if d else features[scenes[i].caption] for i, d in zip(idx.tolist(), drop)])
+        cap, mask = pad_captions([features[""] if d else features[scenes[i].caption]
+                                  for i, d in zip(idx.tolist(), drop)])
         x0 = latents[idx]
         u = torch.randint(1, 1001, (plan.source_batch,), generator=g) / 1000
         sigma = TOY_SHIFT * u / (1 + (TOY_SHIFT - 1) * u)
@@ -322,7 +323,8 @@ def train_with_curve(name: str, init: Path, corpus: Path, run: Path, plan: Plan,
     for step in range(plan.curve_every, plan.pixel_steps + 1, plan.curve_every):
         script("train.py", "--init", init, "--data", corpus, "--out", run, "--max-steps", step,
                "--batch-size", plan.pixel_batch, "--lr", plan.pixel_lr, "--warmup", 20, "--train-blocks", train_blocks,
-               "--res", SIZE, "--dtype", "fp32", "--device", "cpu", "--workers", 0, "--no-grad-checkpointing", "--save-every", plan.curve_every,
+               "--res", SIZE, "--dtype", "fp32", "--device", "cpu", "--workers", 0, "--no-grad-checkpointing",
+               "--save-every", plan.curve_every,
                "--sample-every", plan.pixel_steps, "--sample-steps", plan.sample_steps, "--sample-guidance",
                plan.pixel_cfg, "--log-every", 25, *(["--resume"] if step > plan.curve_every else []),
                log_file=log_file)
@@ -429,6 +431,13 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def write_json(path: Path, value):
+    """Atomically: a stage killed mid-write leaves no file that a later run would trust as finished."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
 def main(argv=None, plan: Plan | None = None):
     args = parse_args(argv)
     mode = "full" if args.full else "quick"
@@ -438,6 +447,11 @@ def main(argv=None, plan: Plan | None = None):
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)
+    plan_file = out / "plan.json"
+    if plan_file.exists() and json.loads(plan_file.read_text()) != asdict(plan):
+        raise SystemExit(f"{out} holds stages of another plan ({plan_file}); pass --fresh to redo them, or another "
+                         "--runs folder")
+    write_json(plan_file, asdict(plan))
     log_file, seconds_file = out / "scripts.log", out / "seconds.json"
     # wall time per stage, kept with the cache: a report built from cached stages still shows what each one cost
     seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
@@ -457,9 +471,9 @@ def main(argv=None, plan: Plan | None = None):
         begin = time.time()
         value = build()
         if keep_json:
-            done.write_text(json.dumps(value))
+            write_json(done, value)
         seconds[name] = time.time() - begin
-        seconds_file.write_text(json.dumps(seconds))
+        write_json(seconds_file, seconds)
         return value
 
     stage("toy source (VAE + DiT training)", lambda: build_source(repo, plan, args.seed), repo)
