@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import model  # noqa: E402
 from sample import to_uint8  # noqa: E402
+from train import loss_fn  # noqa: E402
 import shapeworld  # noqa: E402
 
 SIZE = 64  # pixels; the real geometry scaled down: VAE x8 -> 8x8 latent, latent patch 2 -> 4x4 tokens = pixel patch 16
@@ -306,12 +307,8 @@ def validation_loss(ckpt: Path, images: torch.Tensor, cap: torch.Tensor, cap_mas
     and noise: a continuous measure of convergence that moves before ShapeEval, which needs well-formed objects."""
     net = model.load_model(ckpt, dtype=torch.float32).eval()
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
-    losses = []
-    for s in VAL_SIGMAS:
-        sigma = torch.full((len(images),), s)
-        v = net((1 - s) * images + s * noise, sigma, cap, cap_mask)
-        losses.append(float((v - (noise - images)).square().mean()))
-    return sum(losses) / len(losses)
+    losses = [loss_fn(net, images, noise, torch.full((len(images),), s), cap, cap_mask).mean() for s in VAL_SIGMAS]
+    return float(torch.stack(losses).mean())
 
 
 def train_with_curve(name: str, init: Path, corpus: Path, run: Path, plan: Plan, train_blocks: int, score_fn,
