@@ -867,6 +867,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.time()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    torch.set_flush_denormal(True)  # CPU: subnormal floats are many times slower (a toy training step: 1 s vs 0.2 s)
     device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     settings, prompts, cap_dim = resolve_settings(args, device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[settings["dtype"]]

@@ -911,6 +911,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.plan_only:
         return print_plans(args)
+    torch.set_flush_denormal(True)  # CPU: subnormal floats are many times slower (a toy training step: 1 s vs 0.2 s)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before the first CUDA allocation
     out = Path(args.out)
     rank, world, device = setup_distributed(args)

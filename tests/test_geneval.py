@@ -13,7 +13,7 @@ import convert
 import model
 from bench import geneval
 from bench.geneval import evaluate_image, kept_objects, relative_position
-from tiny import make_tiny_zimage_repo
+from tiny import give_head_an_output, make_tiny_zimage_repo
 
 
 def det(name, score=0.95, box=(0, 0, 10, 10), color=None):
@@ -250,6 +250,7 @@ def setup(tmp_path_factory):
     repo = make_tiny_zimage_repo(root / "Z-Image-Turbo")
     ckpt = root / "l2p.safetensors"
     convert.main(["--src", str(repo), "--out", str(ckpt)])
+    give_head_an_output(ckpt)
     metadata = root / "evaluation_metadata.jsonl"
     metadata.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return SimpleNamespace(repo=repo, ckpt=ckpt, metadata=metadata, detector=save_tiny_detector(root / "m2f"),

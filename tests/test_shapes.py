@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import shapes  # noqa: E402
 
 TINY = replace(shapes.QUICK, vae_steps=30, source_steps=30, train_scenes=256, corpus_prompts=12, corpus_seeds=1,
-               pixel_steps=24, pixel_batch=4, curve_every=12, eval_prompts=6, sample_steps=2)
+               pixel_steps=24, pixel_batch=4, curve_every=12, eval_prompts=6, eval_seeds=1, sample_steps=2)
 
 
 def test_every_stage_runs_and_the_l2p_loss_falls(tmp_path):
@@ -36,3 +36,14 @@ def test_every_stage_runs_and_the_l2p_loss_falls(tmp_path):
               if "loss" in line]
     assert len(losses) >= 4 and sum(losses[-2:]) < sum(losses[:2])
     assert "| overall |" in (tmp_path / "results.md").read_text()
+
+
+def test_eval_prompts_are_distinct_and_balanced_over_tasks():
+    scenes = shapes.eval_scenes(replace(shapes.QUICK, eval_prompts=60), seed=0)
+    captions = [s.caption for s in scenes]
+    assert len(set(captions)) == len(captions)
+    counts = {task: sum(s.task == task for s in scenes) for task in shapes.shapeworld.TASKS}
+    # 10 per task, except where a task has fewer captions: 3 shapes for one object, 3 x 2 ordered pairs for two
+    assert counts == {"single_object": 3, "two_object": 6, "counting": 9, "colors": 10, "position": 10,
+                      "color_attr": 10}
+    assert [s.task for s in scenes[:6]] == list(shapes.shapeworld.TASKS)

@@ -115,3 +115,19 @@ def make_tiny_zimage_repo(root: Path, seed: int = 0) -> Path:
          "use_dynamic_shifting": False}))
     (root / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
     return root
+
+
+def give_head_an_output(ckpt: Path, seed: int = 0) -> Path:
+    """convert.py starts the Detailer Head's output conv at zero (an untrained model predicts v = 0); tests that
+    compare outputs need outputs that depend on the input: a random output conv, the file's metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(ckpt), "pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(ckpt))
+    weight = state["local_decoder.out_conv.weight"]
+    random = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)) / math.sqrt(weight.shape[1])
+    state["local_decoder.out_conv.weight"] = random.to(weight.dtype)
+    save_file(state, str(ckpt), metadata=metadata)
+    return ckpt
