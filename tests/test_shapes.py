@@ -6,6 +6,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,8 @@ def test_every_stage_runs_and_the_l2p_loss_falls(tmp_path):
     assert set(results["overall"]) == {"ground truth", "vae", "source", "l2p", "scratch"}
     assert results["overall"]["ground truth"] >= 0.98
     assert [p["step"] for p in results["curve"]] == [12, 24]
-    assert all(0 < p[f"{name}_val_loss"] < 10 for p in results["curve"] for name in ("l2p", "scratch"))
+    assert all(0 < p[f"{name}_val_loss"] < 10 and 0 <= p[f"{name}_prompt_effect"] < 10
+               for p in results["curve"] for name in ("l2p", "scratch"))
     assert 0 < results["trainable_fraction"]["l2p"] < 1
     assert Image.open(tmp_path / "grid.png").size[0] > 3 * 64 and Image.open(tmp_path / "curve.png").size == (1100, 420)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run_l2p" / "log.jsonl").read_text().splitlines()
@@ -47,3 +49,25 @@ def test_eval_prompts_are_distinct_and_balanced_over_tasks():
     assert counts == {"single_object": 3, "two_object": 6, "counting": 9, "colors": 10, "position": 10,
                       "color_attr": 10}
     assert [s.task for s in scenes[:6]] == list(shapes.shapeworld.TASKS)
+
+
+def test_the_prompt_effect_sees_a_head_that_has_gone_deaf_to_the_tokens(tmp_path):
+    torch.manual_seed(0)
+    net = shapes.model.ZImageDiT(shapes.model.l2p_config(shapes.TOY_DIT, 16, shapes.HEAD_WIDTH))
+    torch.nn.init.normal_(net.local_decoder.out_conv.weight, std=0.1)  # a fresh head predicts 0: give it an output
+    images = torch.rand(4, 3, shapes.SIZE, shapes.SIZE) * 2 - 1
+    cap, empty = torch.randn(4, 7, shapes.TOY_DIT.cap_feat_dim), torch.randn(1, 3, shapes.TOY_DIT.cap_feat_dim)
+    mask = torch.ones(4, 7, dtype=torch.bool)
+
+    def metrics(name):
+        path = tmp_path / f"{name}.safetensors"
+        shapes.model.write_safetensors(path, {k: v.detach().contiguous() for k, v in net.state_dict().items()},
+                                       {"format": "l2p", "l2p_patch": "16"})
+        return shapes.validation_metrics(path, images, cap, mask, empty)
+
+    loss, hearing = metrics("hearing")
+    with torch.no_grad():  # the bottleneck's token inputs cut: the only way the caption reaches the output
+        net.local_decoder.bottleneck[0].weight[:, -shapes.TOY_DIT.dim:] = 0
+    deaf_loss, deaf = metrics("deaf")
+    assert hearing > 0.01 and deaf == 0.0
+    assert 0 < loss < 10 and 0 < deaf_loss < 10
