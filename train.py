@@ -85,6 +85,12 @@ def parse_args(argv=None):
                      help="samples per process per forward pass; gradients accumulate up to --batch-size. Default: "
                           "the largest that the memory plan fits on the GPU (all of the process's share on CPU)")
     opt.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (betas are torch's defaults)")
+    opt.add_argument("--head-lr-fan-in", type=int, default=0, metavar="N",
+                     help="0 (the paper): one lr for everything. N > 0: each Detailer Head convolution with a fan-in "
+                          "k = input channels x kernel area above N learns at lr x N / k (muP's rule for Adam). At a "
+                          "high lr, AdamW's same-sign steps on a wide conv fed by SiLU outputs (positive mean) can "
+                          "push its pre-activations far below zero: the deepest decoder conv dies, and the head "
+                          "stops depending on the DiT's tokens, i.e. on the prompt (bench/shapes.py uses 288)")
     opt.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, on every trained tensor")
     opt.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = off")
     opt.add_argument("--warmup", type=int, default=100, help="linear learning-rate warmup in steps, constant after")
@@ -134,6 +140,8 @@ def parse_args(argv=None):
                      help="steps in a row with a non-finite loss or gradient (each one skipped) before the run "
                           "stops with a checkpoint")
     args = parser.parse_args(argv)
+    if args.head_lr_fan_in < 0:
+        parser.error(f"--head-lr-fan-in must be >= 0 (0 = off), got {args.head_lr_fan_in}")
     if not args.plan_only:
         missing = [f"--{name}" for name in ("init", "data", "out") if getattr(args, name) is None]
         if missing:
@@ -579,6 +587,15 @@ def owners(shapes: dict[str, torch.Size], world: int) -> dict[str, int]:
     return owner
 
 
+def lr_scale(name: str, params: dict[str, torch.Tensor], head_fan_in: int) -> float:
+    """The lr multiplier of one trained tensor: min(1, N / fan-in) for the Detailer Head's convolutions (a bias
+    takes its weight's) under --head-lr-fan-in N, else 1."""
+    if not head_fan_in or not name.startswith("local_decoder."):
+        return 1.0
+    weight = params[name.removesuffix(".bias") + ".weight" if name.endswith(".bias") else name]
+    return min(1.0, head_fan_in / math.prod(weight.shape[1:]))
+
+
 class MasterWeights:
     """fp32 master copies of the trainable weights, their gradient accumulators, AdamW and EMA (the own shard).
 
@@ -603,11 +620,17 @@ class MasterWeights:
                       for n, p in self.params.items()}
         self.staging = {n: torch.empty(p.shape, dtype=p.dtype, device=master_device, pin_memory=pin)
                         for n, p in self.params.items()} if self.staged else {}
-        self.masters = {n: masters[n] for n in self.params if self.owner[n] == rank}
+        by_scale = {}  # lr multiplier -> own tensor names; the optimizer's state is indexed in this order
+        for name in self.params:
+            if self.owner[name] == rank:
+                by_scale.setdefault(lr_scale(name, self.params, args.head_lr_fan_in), []).append(name)
+        self.masters = {n: masters[n] for names in by_scale.values() for n in names}
         for name, master in self.masters.items():
             master.grad = self.grads[name]
         self.ema = {n: m.clone() for n, m in self.masters.items()} if args.ema else {}
-        self.optimizer = torch.optim.AdamW(list(self.masters.values()), lr=args.lr, weight_decay=args.weight_decay,
+        groups = [{"params": [self.masters[n] for n in names], "lr_scale": scale}
+                  for scale, names in by_scale.items()]
+        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
                                            fused=True) if self.masters else None
         self.fresh = set(self.params)  # accumulators not yet written this step: the first gradient is copied in
         self.pending = []  # staged gradients of the current backward pass
@@ -668,7 +691,7 @@ class MasterWeights:
             torch._foreach_mul_(grads, grad_clip / (norm + 1e-6))
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             self.optimizer.step()
         if self.ema:
             torch._foreach_lerp_(list(self.ema.values()), list(self.masters.values()), 1 - self.ema_decay)
@@ -980,6 +1003,12 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
         f"{'resuming at' if state else 'starting at'} step {start} of {args.max_steps}: {len(records)} samples, "
         f"{counts['trainable']:,d} trainable / {counts['frozen']:,d} frozen params ({checkpoint.layout}), "
         f"device {device}")
+    if args.head_lr_fan_in:
+        scales = {n: lr_scale(n, weights.params, args.head_lr_fan_in) for n in weights.params}
+        scaled = {n: s for n, s in scales.items() if s < 1}
+        log({"event": "head_lr", "scales": scaled},
+            f"--head-lr-fan-in {args.head_lr_fan_in}: {len(scaled)} head tensors learn at lr x "
+            f"{min(scaled.values(), default=1):.3g}..{max(scaled.values(), default=1):.3g}")
 
     dataset = ImageCaptionDataset(records, args.res, args.seed, args.shift)
     sampler = StepSampler(len(records), args.batch_size, rank, world, args.seed, start, args.max_steps)

@@ -1,6 +1,7 @@
 """train.py on a tiny L2P (convert.py of make_tiny_zimage_repo), on CPU: objective, freeze, resume, multi-process,
 data layouts, bad data, NaN stop, and the memory plan against measured memory."""
 
+import argparse
 import io
 import json
 import os
@@ -138,6 +139,32 @@ def fixed_sigma_loss(checkpoint: Path, data: Path) -> float:
     sigmas = [torch.full((len(dataset),), s) for s in (0.2, 0.5, 0.8)]
     return np.mean([train.loss_fn(net, batch["image"], batch["noise"], sigma, batch["cap"], batch["cap_mask"]).mean()
                     for sigma in sigmas])
+
+
+@pytest.mark.parametrize("fan_in", [0, 288])
+def test_head_lr_fan_in_slows_each_wide_head_convolution_by_its_fan_in(init, fan_in):
+    net = model.load_model(init, dtype=torch.float32)
+    model.set_trainable(net, 1)
+    trained = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    args = argparse.Namespace(lr=1e-3, head_lr_fan_in=fan_in, weight_decay=0.0, ema=0.0)
+    weights = train.MasterWeights(net, {n: t.clone() for n, t in before.items()}, args, torch.device("cpu"), 0, 1)
+    g = torch.Generator().manual_seed(0)
+    signs = {n: torch.where(torch.rand(p.shape, generator=g) < 0.5, -1.0, 1.0) for n, p in trained.items()}
+    sum((p * signs[n]).sum() for n, p in trained.items()).backward()  # gradients +-1: far above AdamW's eps
+    weights.finish_backward()
+    weights.step(args.lr, grad_clip=0)
+    # AdamW's first step moves every element by lr x its multiplier: m / sqrt(v) = g / |g| = +-1
+    step = {n: (trained[n].detach() - before[n]).abs() for n in trained}
+    head = net.local_decoder
+    deepest = getattr(head, f"dec{head.levels[-1][0]}")[0]  # [up, skip] -> 3x3: the widest fan-in of the head
+    expected = min(1.0, fan_in / (deepest.in_channels * 9)) if fan_in else 1.0
+    prefix = f"local_decoder.dec{head.levels[-1][0]}.0."
+    assert deepest.in_channels * 9 > 288  # the tiny head is wide enough for the test to see a slowed tensor
+    for name in (prefix + "weight", prefix + "bias"):
+        torch.testing.assert_close(step[name], torch.full_like(step[name], 1e-3 * expected), rtol=1e-3, atol=0)
+    for name in ("local_decoder.out_conv.weight", "layers.0.attention.to_q.weight", "all_x_embedder.16-1.weight"):
+        torch.testing.assert_close(step[name], torch.full_like(step[name], 1e-3), rtol=1e-3, atol=0)
 
 
 def test_resume_continues_exactly(init, synth, tmp_path):
