@@ -1004,8 +1004,7 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
         f"{counts['trainable']:,d} trainable / {counts['frozen']:,d} frozen params ({checkpoint.layout}), "
         f"device {device}")
     if args.head_lr_fan_in:
-        scales = {n: lr_scale(n, weights.params, args.head_lr_fan_in) for n in weights.params}
-        scaled = {n: s for n, s in scales.items() if s < 1}
+        scaled = {n: s for n in weights.params if (s := lr_scale(n, weights.params, args.head_lr_fan_in)) < 1}
         log({"event": "head_lr", "scales": scaled},
             f"--head-lr-fan-in {args.head_lr_fan_in}: {len(scaled)} head tensors learn at lr x "
             f"{min(scaled.values(), default=1):.3g}..{max(scaled.values(), default=1):.3g}")
