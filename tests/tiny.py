@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-FORMATS = Path(__file__).resolve().parents[1].parent / "shared" / "formats"
+FORMATS = Path(__file__).resolve().parent / "formats"
 
 TINY_DIT = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=3, n_refiner_layers=2,
                 n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=24, rope_theta=256.0,
@@ -15,7 +15,7 @@ TINY_DIT = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=
 
 
 def read_format(name: str) -> dict[str, tuple[int, ...]]:
-    """shared/formats/<name>.tsv -> {key: shape}."""
+    """tests/formats/<name>.tsv (copied from the project's reference tables) -> {key: shape}."""
     shapes = {}
     for line in (FORMATS / f"{name}.tsv").read_text().splitlines():
         if line and not line.startswith("#"):
