@@ -29,6 +29,8 @@ def parse_args(argv=None):
                         help="the Z-Image source: a repo root, its transformer/ folder, or a single .safetensors file; "
                              "or a train.py checkpoint to merge with its init")
     parser.add_argument("--out", required=True, help="the L2P checkpoint to write (.safetensors, one file)")
+    parser.add_argument("--init", help="merging a train.py checkpoint whose init is no longer where the run recorded "
+                                       "it: the convert.py output the run started from")
     parser.add_argument("--patch", type=int, default=16,
                         help="pixel patch: 16 keeps the source's token grid at 1024^2 (8x VAE x 2x2 latent patch); "
                              "64 keeps it at 4096^2; 32 and 128 follow the same rule")
@@ -38,7 +40,13 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=["keep", "bf16", "fp32"], default="keep",
                         help="keep: copied tensors keep the source dtype (bit-identical), new ones are fp32; "
                              "bf16 / fp32: cast everything (bf16 halves the file)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.patch not in (16, 32, 64, 128):
+        parser.error(f"--patch {args.patch}: the Detailer Head needs 16, 32, 64 or 128 (one pooling level per "
+                     "factor 2 down to the token grid)")
+    if args.head_width < 8 or args.head_width % 8:
+        parser.error(f"--head-width {args.head_width}: use a positive multiple of 8")
+    return args
 
 
 def new_tensors(cfg: model.ZImageConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -73,7 +81,7 @@ def main(argv=None):
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise SystemExit(f"--out {out}: write a .safetensors file")
-    source = model.open_dit_checkpoint(args.src)
+    source = model.open_dit_checkpoint(args.src, args.init)
     cast = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if source.trained is not None:
         return merge(source, out, cast, args)
@@ -125,4 +133,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    model.run_script(main)

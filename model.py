@@ -16,17 +16,26 @@ Sections
   7. Sampling       shifted sigma grid, per-seed noise, Euler sampler with CFG, generate, the source's presets
 """
 
+import hashlib
 import json
 import math
 import os
 import re
+import resource
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, PngImagePlugin
+from safetensors import SafetensorError, safe_open
 
 if TYPE_CHECKING:  # annotations only: transformers is imported lazily (section 5)
     from transformers import Qwen3Config, Qwen3Model
@@ -651,49 +660,55 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def safetensors_header(file: Path, metadata: bool = False) -> tuple[dict, int]:
-    """The JSON header of a .safetensors file (key -> dtype, shape, data_offsets) and where its data starts.
-    With metadata=True, the header's "__metadata__" (str -> str) instead."""
-    with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if not 2 <= size <= 100_000_000:
-            raise CheckpointError(f"{file} is not a safetensors file (header size {size})")
-        try:
-            header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
-    if metadata:
-        return header.get("__metadata__", {}), 8 + size
-    header.pop("__metadata__", None)
-    return header, 8 + size
+@contextmanager
+def open_safetensors(file: Path):
+    """safetensors' own reader, with a file that is missing, truncated or not safetensors as a CheckpointError."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            yield f
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} does not exist") from None
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); download or write it again") from None
+
+
+def safetensors_metadata(file: Path) -> dict[str, str]:
+    with open_safetensors(file) as f:
+        return f.metadata() or {}
 
 
 def safetensors_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
     """Key -> shape of every tensor in the files, from the headers alone."""
-    return {k: tuple(v["shape"]) for file in files for k, v in safetensors_header(file)[0].items()}
+    shapes = {}
+    for file in files:
+        with open_safetensors(file) as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes
+
+
+def header_sha256(file: Path) -> str:
+    """A fingerprint of a .safetensors file read from its header alone (names, dtypes, shapes, offsets, metadata)."""
+    with open(file, "rb") as f:
+        return hashlib.sha256(f.read(8 + int.from_bytes(f.read(8), "little"))).hexdigest()
 
 
 def read_tensors(files: Iterable[Path], strip_prefix: str = "", meta: bool = False
                  ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (key, tensor) one at a time, each read into its own fresh memory; meta=True reads headers only.
+    """Yields (key, tensor) one at a time, memory-mapped (copy what you keep); meta=True reads headers only.
 
-    Plain reads instead of a memory map: the caller then holds exactly the tensors it keeps (a cast frees the
-    original at once), and no mapped file pages pile up in the resident set while a 24 GB checkpoint streams.
+    Each tensor gets a mapping of its own, closed once the caller moves on, so the pages of tensors already consumed
+    leave the resident set: a 24 GB checkpoint streams into a bf16 model with ~1.1x of the model's memory.
     """
     for file in files:
-        header, start = safetensors_header(file)
-        with open(file, "rb") as f:
-            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
-                if meta:
-                    yield key.removeprefix(strip_prefix), torch.empty(shape, dtype=dtype, device="meta")
-                    continue
-                begin, end = info["data_offsets"]
-                buffer = torch.empty(end - begin, dtype=torch.uint8)
-                f.seek(start + begin)
-                if f.readinto(buffer.numpy()) != end - begin:
-                    raise CheckpointError(f"{file} is truncated at tensor {key}; download it again")
-                yield key.removeprefix(strip_prefix), buffer.view(dtype).reshape(shape)
+        with open_safetensors(file) as f:
+            specs = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
+        for key, (dtype, shape) in specs.items():
+            if meta:
+                yield key.removeprefix(strip_prefix), torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype], device="meta")
+                continue
+            with open_safetensors(file) as f:
+                tensor = f.get_tensor(key)
+            yield key.removeprefix(strip_prefix), tensor
 
 
 def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None,
@@ -715,34 +730,30 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], m
         offset += size
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share a temp file
-    try:
-        with open(tmp, "wb") as f:
-            f.write(len(header_bytes).to_bytes(8, "little"))
-            f.write(header_bytes)
-            order = iter(specs.items())
-            for key, tensor in tensors:
-                expected_key, spec = next(order, (None, None))
-                if key != expected_key or tensor.dtype != spec.dtype or tensor.shape != spec.shape:
-                    raise ValueError(f"tensor {key} {tensor.dtype} {tuple(tensor.shape)} does not follow the header "
-                                     f"({expected_key})")
-                f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
-            if next(order, None) is not None:
-                raise ValueError(f"{path}: fewer tensors than the header announced")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def write(f):
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        order = iter(specs.items())
+        for key, tensor in tensors:
+            expected_key, spec = next(order, (None, None))
+            if key != expected_key or tensor.dtype != spec.dtype or tensor.shape != spec.shape:
+                raise ValueError(f"tensor {key} {tensor.dtype} {tuple(tensor.shape)} does not follow the header "
+                                 f"({expected_key})")
+            f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+        if next(order, None) is not None:
+            raise ValueError(f"{path}: fewer tensors than the header announced")
+
+    atomic_write(path, write)
 
 
 def assign_weights(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], layout: str,
                    device="cpu", dtype: torch.dtype | None = torch.float32) -> nn.Module:
     """Fill a module built on the meta device with checkpoint tensors, each cast and moved as it streams in.
 
-    Peak memory is the finished model plus one tensor: nothing is initialised and then overwritten. Float tensors
-    are cast to `dtype` (checkpoints may mix F32 and bf16); dtype=None keeps the file's dtypes.
+    Peak memory is the finished model plus one tensor: nothing is initialised and then overwritten, and every tensor
+    is copied once (cast, moved, or cloned out of its file mapping, so the model never depends on the file). Float
+    tensors are cast to `dtype` (checkpoints may mix F32 and bf16); dtype=None keeps the file's dtypes.
     Raises CheckpointError naming the layout and the first missing / unexpected / misshapen keys.
     """
     expected = module.state_dict()
@@ -754,9 +765,8 @@ def assign_weights(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]
         if tuple(tensor.shape) != tuple(expected[key].shape):
             misshapen[key] = f"{key} {tuple(tensor.shape)} != {tuple(expected[key].shape)}"
             continue
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        state[key] = tensor.to(device)
+        cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        state[key] = tensor.to(device=device, dtype=cast, copy=True)
     missing = [k for k in expected if k not in state and k not in misshapen]
     if missing or unexpected or misshapen:
         raise CheckpointError(
@@ -828,7 +838,7 @@ def _normalise_dit_keys(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[i
     return {k: tuple(t.shape) for k, t in zimage_from_comfy(meta, patch_size=2)}  # ComfyUI files are latent, p = 2
 
 
-TRAINED_FORMAT = "l2p-trained"  # train.py's checkpoints: only the trained tensors, plus the path of their init
+TRAINED_FORMAT = "l2p-trained"  # train.py's checkpoints: only the trained tensors, plus where their init is
 
 
 @dataclass
@@ -854,21 +864,38 @@ class DiTCheckpoint:
         yield from read_tensors([self.trained], meta=meta)
 
 
-def trained_init_path(path: Path) -> Path | None:
-    """For a train.py checkpoint (only the trained tensors), the init checkpoint it completes; else None."""
-    meta = safetensors_header(path, metadata=True)[0]
+def trained_metadata(init: Path, trained: Path) -> dict[str, str]:
+    """What a train.py checkpoint records of its init: the path relative to the checkpoint's folder (a run folder
+    moved together with its init still loads) and the init's header fingerprint (a stand-in init is refused)."""
+    return {"format": TRAINED_FORMAT, "init": os.path.relpath(Path(init).resolve(), Path(trained).resolve().parent),
+            "init_header_sha256": header_sha256(init)}
+
+
+def trained_init_path(path: Path, init: Path | None = None) -> Path | None:
+    """For a train.py checkpoint (only the trained tensors), the init checkpoint it completes: `init` if given, else
+    the recorded path (relative to the checkpoint's folder). None for any other checkpoint."""
+    meta = safetensors_metadata(path)
     if meta.get("format") != TRAINED_FORMAT:
         return None
-    init = Path(meta["init"])
-    return init if init.is_absolute() else path.parent / init
+    recorded = path.parent / meta["init"]  # an absolute recorded path (older runs) stays absolute
+    init = Path(init) if init is not None else recorded
+    if not init.exists():
+        raise CheckpointError(f"{path} holds only the trained tensors of a run; its init {recorded} is not there. "
+                              "Pass the checkpoint the run started from (--init), or put it back at that path")
+    expected = meta.get("init_header_sha256")
+    if expected and header_sha256(init) != expected:
+        raise CheckpointError(f"{init} is not the init that {path} was trained from (its header differs); pass the "
+                              "convert.py output the run started from")
+    return init
 
 
-def open_dit_checkpoint(path) -> DiTCheckpoint:
+def open_dit_checkpoint(path, init: Path | None = None) -> DiTCheckpoint:
     """Detect the layout of a Z-Image or L2P checkpoint from its config or its keys; reads no tensor data.
 
     Accepts a Z-Image repo root, a transformer/ folder (sharded or not), or a single .safetensors file: diffusers
     names, ComfyUI names (fused qkv, optional 'model.diffusion_model.' prefix), or an L2P checkpoint (ours from
     convert.py, or the released merged 1K / 4K files). Single files get their config from the tensor shapes.
+    A train.py checkpoint is completed by its init: `init`, or the path it recorded.
     """
     path = Path(path)
     if not path.exists():
@@ -889,11 +916,8 @@ def open_dit_checkpoint(path) -> DiTCheckpoint:
         return DiTCheckpoint(config_from_json(ZImageConfig, config_file), "diffusers folder", safetensors_files(folder))
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: expected a folder or a .safetensors file")
-    init = trained_init_path(path)
+    init = trained_init_path(path, init)
     if init is not None:
-        if not init.exists():
-            raise CheckpointError(f"{path} holds only the trained tensors; its init {init} is missing. Put the init "
-                                  "checkpoint back there, or pass a merged checkpoint (convert.py --src <this file>)")
         base = open_dit_checkpoint(init)
         return replace(base, layout=f"{base.layout} + trained tensors of {path.name}", trained=path)
     shapes = safetensors_shapes([path])
@@ -915,11 +939,12 @@ def open_dit_checkpoint(path) -> DiTCheckpoint:
     return DiTCheckpoint(cfg, layout, [path], strip, comfy)
 
 
-def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> ZImageDiT:
+def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16, init: Path | None = None) -> ZImageDiT:
     """A Z-Image DiT or an L2P pixel model from any layout open_dit_checkpoint reads; forward(x, sigma, cap,
     cap_mask) -> v either way. Mixed dtypes (the released L2P files mix F32 and bf16) are cast to `dtype`.
+    `init`: for a train.py checkpoint whose init is not where the run recorded it.
     """
-    checkpoint = open_dit_checkpoint(path)
+    checkpoint = open_dit_checkpoint(path, init)
     with torch.device("meta"):
         model = ZImageDiT(checkpoint.cfg)
     return assign_weights(model, checkpoint.tensors(), checkpoint.layout, device=device, dtype=dtype).eval()
@@ -966,27 +991,44 @@ def vae_naming(keys: Iterable[str]) -> tuple[str, str]:
         "Pass the Z-Image repo root, its vae/ folder, or FLUX.1's ae.safetensors")
 
 
+def flux_vae_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> FluxVAEConfig:
+    """The architecture of a config-less VAE file (diffusers names) from its shapes. GroupNorm's group count is not
+    in the shapes: every published LDM VAE uses 32. The latent normalisation is not either: FLUX.1's (Z-Image's)."""
+    levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down_blocks."))
+    channels = tuple(shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(levels))
+    if any(c % 32 for c in channels):
+        raise CheckpointError(f"a VAE with channels {channels} cannot use 32 GroupNorm groups; put its config.json "
+                              "beside it (a diffusers vae/ folder) or pass load_vae(config=...)")
+    return FluxVAEConfig(in_channels=shapes["encoder.conv_in.weight"][1], out_channels=shapes["decoder.conv_out.weight"][0],
+                         latent_channels=shapes["decoder.conv_in.weight"][1], block_out_channels=channels,
+                         layers_per_block=len({k.split(".")[4] for k in shapes
+                                               if k.startswith("encoder.down_blocks.0.resnets.")}))
+
+
 def load_vae(path, device="cpu", dtype=torch.float32, config: FluxVAEConfig | None = None) -> FluxVAE:
     """Load from a repo root (with vae/), a diffusers vae folder (sharded or not), or one .safetensors file in
     diffusers or LDM (FLUX.1 ae.safetensors) names, optionally prefixed 'first_stage_model.' or 'vae.'.
 
-    config: the architecture when it is not FLUX.1's; by default the folder's config.json, else FluxVAEConfig().
+    config: by default the folder's config.json; a single file's architecture is read from its shapes.
     """
     path = component_dir(path, "vae")
     if not (path.is_dir() or path.suffix == ".safetensors" and path.exists()):
         raise CheckpointError(f"{path}: expected a repo root, a vae folder or an existing .safetensors file")
     files = safetensors_files(path) if path.is_dir() else [path]
-    if config is None:
-        config_file = path / "config.json"
-        config = config_from_json(FluxVAEConfig, config_file) if config_file.exists() else FluxVAEConfig()
     naming, prefix = vae_naming(safetensors_shapes(files))
     layout = f"{'folder' if path.is_dir() else 'single file'}, {naming} names"
     layout += f", prefix '{prefix}'" if prefix else ""
-    with torch.device("meta"):
-        vae = FluxVAE(config)
+    shapes = {k.removeprefix(prefix): torch.empty(s, device="meta") for k, s in safetensors_shapes(files).items()}
+    levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith(("encoder.down.", "encoder.down_blocks.")))
     tensors = read_tensors(files, strip_prefix=prefix)
     if naming == "LDM":
-        tensors = flux_vae_from_ldm(tensors, levels=len(config.block_out_channels))
+        tensors = flux_vae_from_ldm(tensors, levels)
+        shapes = dict(flux_vae_from_ldm(shapes.items(), levels))
+    if config is None:
+        config = (config_from_json(FluxVAEConfig, path / "config.json") if (path / "config.json").exists() else
+                  flux_vae_config_from_shapes({k: tuple(t.shape) for k, t in shapes.items()}))
+    with torch.device("meta"):
+        vae = FluxVAE(config)
     return assign_weights(vae, tensors, layout, device=device, dtype=dtype).eval()
 
 
@@ -1171,3 +1213,122 @@ def source_sampler_settings(repo) -> dict:
     shift = float(json.loads(config.read_text()).get("shift", 3.0))
     turbo = shift <= 3.0
     return {"steps": 8 if turbo else 50, "shift": shift, "guidance": 1.0 if turbo else 5.0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. I/O and processes: what several scripts share
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, data: "bytes | Callable[[BinaryIO], object]") -> None:
+    """Write bytes, or whatever data(file) writes, to `path` atomically: a per-process temp file beside it, fsync,
+    rename. A killed writer leaves at most a dot-file that nothing trusts, never a half-written `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, rounded as diffusers' image processor does."""
+    return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_png(path: Path, pixels: np.ndarray, text: dict | None = None) -> None:
+    """An 8-bit RGB PNG, written atomically; `text` goes into PNG text chunks (prompt, seed, settings...)."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, str(value))
+    atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG", pnginfo=info))
+
+
+def image_grid(images, columns: int, gap: int = 0) -> np.ndarray:
+    """uint8 [N, H, W, 3] (or a list of them, same size) -> one image, row by row, `gap` white pixels apart."""
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    grid = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, c), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, columns)
+        grid[r * (h + gap):r * (h + gap) + h, q * (w + gap):q * (w + gap) + w] = image
+    return grid
+
+
+# The caption-feature cache that synth.py writes and train.py reads (and writes for captions that come without):
+# features/<hash of the prompt>.safetensors holding "cap" [L, D] bf16, the text encoder's rows that the DiT sees,
+# with the prompt in the metadata so that a file is only ever used for the prompt it was made from.
+def caption_features_path(folder: Path, prompt: str) -> Path:
+    return Path(folder) / f"{hashlib.sha256(prompt.encode()).hexdigest()[:32]}.safetensors"
+
+
+def write_caption_features(path: Path, cap: torch.Tensor, prompt: str) -> None:
+    write_safetensors(path, {"cap": cap.detach().to("cpu", torch.bfloat16).contiguous()}, {"prompt": prompt})
+
+
+def read_caption_features(path: Path, prompt: str | None = None) -> torch.Tensor | None:
+    """"cap" [L, D] of a cache file, or None if it is missing, unreadable, empty or (given `prompt`) another's."""
+    try:
+        with open_safetensors(path) as f:
+            if prompt is not None and (f.metadata() or {}).get("prompt") != prompt:
+                return None
+            cap = f.get_tensor("cap").clone()
+    except (CheckpointError, SafetensorError):  # torn, not safetensors, or no "cap": not a usable cache entry
+        return None
+    return cap if cap.ndim == 2 and len(cap) else None
+
+
+def init_distributed(device: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE > 1) the process group is started:
+    NCCL on GPUs, gloo on CPUs; a bare --device cuda means this process's GPU, cuda:LOCAL_RANK."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise SystemExit(f"--device {device}: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {device}: no CUDA GPU is visible here; pass --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if world > 1:
+        # ranks meet at the end of a run and wait for the slowest; after a resume the remaining work can be uneven
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(hours=24), device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def finish_distributed():
+    """The end of a distributed run: no rank tears the group down while a peer is still in a collective."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """A script's entry point. A bad checkpoint or file is one line on stderr and exit status 1, not a traceback.
+    Under torchrun the process then leaves without interpreter teardown, which gloo's worker threads can abort
+    after the work is done (SIGABRT, pytorch/pytorch#179291), turning a finished run into a failed exit code."""
+    try:
+        main()
+    except (CheckpointError, OSError) as e:
+        sys.exit(f"error: {e}")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory so far: allocated on a CUDA device, the process's resident high-water mark on the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
 
 import model
 
@@ -27,6 +26,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", help="L2P checkpoint: convert.py / train.py output (init + trained tensors, or "
                                        "merged), or a released L2P 1K / 4K file")
+    parser.add_argument("--init", help="for a train.py checkpoint whose init is no longer where the run recorded it "
+                                       "(a run folder moved alone): the convert.py output the run started from")
     parser.add_argument("--text-encoder", help="Z-Image repo root or its text_encoder/ folder (the Qwen3 prompt "
                                                "encoder); defaults to the --latent repo when that is given")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
@@ -54,7 +55,13 @@ def parse_args(argv=None):
     parser.add_argument("--latent-steps", type=int, help="source sampler steps (default: Turbo 8, base 50)")
     parser.add_argument("--latent-cfg", type=float,
                         help="source CFG in Z-Image's convention pos + w (pos - neg) (default: Turbo 0, base 4)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("res", "width", "height", "steps", "num_images", "batch_size", "latent_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.shift <= 0:
+        parser.error(f"--shift must be positive, got {args.shift}")
+    return args
 
 
 def read_prompts(args) -> list[str]:
@@ -70,36 +77,6 @@ def read_prompts(args) -> list[str]:
     if not prompts:
         raise SystemExit("no prompt: pass --prompt '...' or --prompts <file>")
     return prompts
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, rounded as diffusers' image processor does."""
-    return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_png(path: Path, pixels: np.ndarray, text: dict[str, str] | None = None) -> None:
-    """Write an 8-bit RGB PNG atomically (per-process temp file, fsync, rename), `text` as PNG text chunks."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in (text or {}).items():
-        info.add_text(key, str(value))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            Image.fromarray(pixels).save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def peak_memory_gb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 1e9
-    with open("/proc/self/status") as f:  # the process's resident high-water mark
-        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 1e6
 
 
 def encode(text_encoder_path: str, prompts: list[str], device: str, dtype: torch.dtype):
@@ -124,7 +101,7 @@ def run(dit, features, negative, jobs, size, steps, cfg, shift, args, vae=None, 
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds += time.perf_counter() - begin
-        images.update(zip(batch, to_uint8(out)))
+        images.update(zip(batch, model.to_uint8(out)))
     print(f"{name}: {seconds / (steps * math.ceil(len(jobs) / args.batch_size)):.3f} s/step at {width}x{height}, "
           f"batch {args.batch_size}{' (incl. VAE decode)' if vae is not None else ''}")
     return images
@@ -168,7 +145,7 @@ def main(argv=None):
 
     patch = 16
     if args.ckpt:
-        checkpoint = model.open_dit_checkpoint(args.ckpt)
+        checkpoint = model.open_dit_checkpoint(args.ckpt, args.init)
         if not checkpoint.cfg.pixel_head:
             raise SystemExit(f"--ckpt {args.ckpt} is a latent Z-Image transformer ({checkpoint.layout}), not an L2P "
                              "pixel model: make one with convert.py, or sample the source with --latent <repo>")
@@ -184,11 +161,11 @@ def main(argv=None):
     features, negative = features[:-1], features[-1]
     results = {}
     if args.ckpt:
-        dit = model.load_model(args.ckpt, device=args.device, dtype=dtype)
+        dit = model.load_model(args.ckpt, device=args.device, dtype=dtype, init=args.init)
         results["l2p"] = run(dit, features, negative, jobs, (height, width), steps, cfg, args.shift, args)
         del dit
         for (i, seed), pixels in results["l2p"].items():
-            save_png(output_path(out, i, seed, single), pixels,
+            model.save_png(output_path(out, i, seed, single), pixels,
                      {"prompt": prompts[i], "negative_prompt": args.negative_prompt, "seed": seed, "steps": steps,
                       "cfg": cfg, "shift": args.shift, "checkpoint": Path(args.ckpt).name, "model": "l2p"})
     if args.latent:
@@ -203,16 +180,16 @@ def main(argv=None):
                                 source["shift"], args, vae=vae, name="latent source")
         del dit, vae
         for (i, seed), pixels in results["latent"].items():
-            save_png(output_path(out, i, seed, single, "_latent"), pixels,
+            model.save_png(output_path(out, i, seed, single, "_latent"), pixels,
                      {"prompt": prompts[i], "seed": seed, "steps": latent_steps, "cfg_w": latent_guidance - 1,
                       "shift": source["shift"], "checkpoint": Path(args.latent).name, "model": "latent source"})
     if len(results) == 2:
         for job in jobs:  # side by side: L2P | latent source
-            save_png(output_path(out, *job, single, "_compare"),
+            model.save_png(output_path(out, *job, single, "_compare"),
                      np.concatenate([results["l2p"][job], results["latent"][job]], axis=1))
-    print(f"wrote {len(jobs) * len(results)} images to {out}; peak memory {peak_memory_gb(args.device):.2f} GB "
-          f"({'GPU allocated' if args.device.startswith('cuda') else 'process RSS'})")
+    print(f"wrote {len(jobs) * len(results)} images to {out}; peak memory {model.peak_memory_gib(args.device):.2f} "
+          f"GiB ({'GPU allocated' if args.device.startswith('cuda') else 'process RSS'})")
 
 
 if __name__ == "__main__":
-    main()
+    model.run_script(main)

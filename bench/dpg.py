@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # model.py and bench/ from the repo root
 from bench import evalgen  # noqa: E402
+import model  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. DPG-Bench's rules (pure functions on answers: testable without any model)
@@ -221,11 +222,7 @@ def grid_path(out: Path, item: str) -> Path:
 
 def make_grid(images: list[Image.Image]) -> Image.Image:
     """4 images -> 2x2 grid, image k at row k // 2, column k % 2 (DPG-Bench's tile order)."""
-    w, h = images[0].size
-    grid = Image.new("RGB", (2 * w, 2 * h))
-    for k, image in enumerate(images):
-        grid.paste(image, ((k % 2) * w, (k // 2) * h))
-    return grid
+    return Image.fromarray(model.image_grid([np.asarray(image.convert("RGB")) for image in images], columns=2))
 
 
 def grid_tiles(grid: Image.Image) -> list[Image.Image]:

@@ -6,12 +6,11 @@ resumable (which images are already on disk and valid, and that they were made w
 
 import argparse
 import hashlib
-import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -70,33 +69,16 @@ def add_common_args(parser: argparse.ArgumentParser):
 # Files
 # ----------------------------------------------------------------------------------------------------------------
 
-def write_atomic(path: Path, data: bytes):
-    """Write via a temp file in the same folder + rename: a reader (or a resumed run) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json(path: Path, obj):
-    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+    model.atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def write_text(path: Path, text: str):
-    write_atomic(path, text.encode())
+    model.atomic_write(path, text.encode())
 
 
 def save_png(path: Path, image: Image.Image):
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    write_atomic(path, buffer.getvalue())
+    model.save_png(path, np.asarray(image.convert("RGB")))
 
 
 def read_json(path: Path):
@@ -124,9 +106,7 @@ def file_sha256(path: Path) -> str:
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [-1, 1] -> 8-bit RGB images (round to nearest, as diffusers' pipelines do)."""
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(p) for p in pixels]
+    return [Image.fromarray(p) for p in model.to_uint8(images)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -40,8 +40,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import model  # noqa: E402
-from sample import to_uint8  # noqa: E402
-from train import loss_fn  # noqa: E402
 import shapeworld  # noqa: E402
 
 SIZE = 64  # pixels; the real geometry scaled down: VAE x8 -> 8x8 latent, latent patch 2 -> 4x4 tokens = pixel patch 16
@@ -340,7 +338,8 @@ def validation_metrics(ckpt: Path, images: torch.Tensor, cap: torch.Tensor, cap_
     sigma = PROMPT_EFFECT_SIGMA, shows whether the caption reaches the output at all (0 = deaf)."""
     net = model.load_model(ckpt, dtype=torch.float32).eval()
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
-    losses = [loss_fn(net, images, noise, torch.full((len(images),), s), cap, cap_mask).mean() for s in VAL_SIGMAS]
+    losses = [(net((1 - s) * images + s * noise, torch.full((len(images),), s), cap, cap_mask) - (noise - images))
+              .square().mean() for s in VAL_SIGMAS]
     s = torch.full((len(images),), PROMPT_EFFECT_SIGMA)
     x = (1 - PROMPT_EFFECT_SIGMA) * images + PROMPT_EFFECT_SIGMA * noise
     v = net(x, s, cap, cap_mask)
@@ -422,7 +421,7 @@ def plot_curve(curve: list[dict], reference: dict[str, float], path: Path, size=
 def save_grid(columns: dict[str, np.ndarray], prompts: list[str], path: Path, rows: int = 8):
     """One row per prompt (written at its right), one column per model, headed by its name; same seed in a row."""
     rows = min(rows, *(len(images) for images in columns.values()))
-    tiles = shapeworld.grid([columns[name][i] for i in range(rows) for name in columns], cols=len(columns))
+    tiles = model.image_grid([columns[name][i] for i in range(rows) for name in columns], len(columns), gap=2)
     header, margin, tile = 16, 300, SIZE + 2
     img = Image.new("RGB", (tiles.shape[1] + margin, tiles.shape[0] + header), "white")
     img.paste(Image.fromarray(tiles), (0, header))
@@ -471,9 +470,7 @@ def parse_args(argv=None):
 
 def write_json(path: Path, value):
     """Atomically: a stage killed mid-write leaves no file that a later run would trust as finished."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    model.atomic_write(path, json.dumps(value).encode())
 
 
 def main(argv=None, plan: Plan | None = None):
@@ -521,7 +518,7 @@ def main(argv=None, plan: Plan | None = None):
     def vae_score():
         vae = model.load_vae(repo)
         with torch.no_grad():
-            recon = to_uint8(vae.decode(vae.encode(to_tensor(truth))))
+            recon = model.to_uint8(vae.decode(vae.encode(to_tensor(truth))))
         return shapeworld.score(list(recon), scenes)
 
     # every sampled image: (prompt index, seed), seed-major so that the first len(scenes) are distinct prompts

@@ -232,18 +232,6 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
     return np.asarray(canvas.resize((size, size), Image.BOX))
 
 
-def grid(images, cols: int, sep: int = 2) -> np.ndarray:
-    """Tile uint8 [H, W, 3] images row by row, `sep` white pixels between them -> uint8 [rows*(H+sep)-sep, ...]."""
-    images = np.asarray(images)  # [N, H, W, 3]
-    n, h, w, c = images.shape
-    rows = -(-n // cols)
-    out = np.full((rows * (h + sep) - sep, cols * (w + sep) - sep, c), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, q = divmod(i, cols)
-        out[r * (h + sep) : r * (h + sep) + h, q * (w + sep) : q * (w + sep) + w] = image
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # ShapeEval
 

@@ -54,8 +54,8 @@ def test_images_equal_the_shared_sampler_and_cfg_one_is_the_conditional_alone(ck
     alone = model.generate(dit, cap, mask, [3], 32, 32, steps=2, shift=3.0)
     guided = model.generate(dit, cap, mask, [3], 32, 32, steps=2, shift=3.0, guidance=2.0, neg_cap=neg,
                             neg_mask=neg_mask)
-    assert np.array_equal(pixels(tmp_path / "one.png"), sample.to_uint8(alone)[0])
-    assert np.array_equal(pixels(tmp_path / "guided.png"), sample.to_uint8(guided)[0])
+    assert np.array_equal(pixels(tmp_path / "one.png"), model.to_uint8(alone)[0])
+    assert np.array_equal(pixels(tmp_path / "guided.png"), model.to_uint8(guided)[0])
     assert not np.array_equal(pixels(tmp_path / "one.png"), pixels(tmp_path / "guided.png"))
 
 

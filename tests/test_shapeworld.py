@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+import model
+
 from bench.shapeworld import (
     BACKGROUND,
     BORDER,
@@ -28,7 +30,6 @@ from bench.shapeworld import (
     components,
     detect,
     evaluate,
-    grid,
     make_scene,
     make_scenes,
     relations,
@@ -165,7 +166,7 @@ def test_render_and_grid():
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
     assert tuple(image[0, 0]) == (128, 128, 128) and tuple(image[32, 32]) == (220, 20, 60)
     assert render(s, 128).shape == (128, 128, 3)
-    g = grid(np.stack([image] * 5), cols=3, sep=2)
+    g = model.image_grid(np.stack([image] * 5), columns=3, gap=2)
     assert g.shape == (2 * 64 + 2, 3 * 64 + 4, 3)
     assert np.array_equal(g[66:130, 66:130], image) and (g[64:66] == 255).all() and (g[66:, 130:] == 255).all()
 

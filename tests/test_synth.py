@@ -45,6 +45,10 @@ def cached(path) -> torch.Tensor:
         return f.get_tensor("cap")
 
 
+def features_file(out: Path, prompt: str) -> Path:
+    return model.caption_features_path(out / "features", prompt)
+
+
 def image_files(out: Path) -> set[str]:
     return {f"images/{p.name}" for p in (out / "images").iterdir()}
 
@@ -94,14 +98,14 @@ def test_layout_metadata_and_png_chunks(clean):
     out, summary = clean
     assert summary["written"] == summary["images"] == len(PROMPTS) * SEEDS and summary["skipped"] == 0
     assert image_files(out) == FILES
-    assert sorted(p.name for p in (out / "features").iterdir()) == [f"{i:06d}.safetensors" for i in range(3)]
+    assert {p.name for p in (out / "features").iterdir()} == {features_file(out, p).name for p in PROMPTS}
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert [r["file_name"] for r in rows] == sorted(FILES)  # prompt index, then seed index
     for n, row in enumerate(rows):
         i, j = divmod(n, SEEDS)
         assert row == dict(file_name=f"images/{i:06d}_s{j}.png", prompt=PROMPTS[i], seed=i * SEEDS + j,
                            source="Z-Image-Turbo", steps=STEPS, cfg=0.0, shift=3.0, width=RES, height=RES,
-                           features=f"features/{i:06d}.safetensors")
+                           features=f"features/{features_file(out, PROMPTS[i]).name}")
         with Image.open(out / row["file_name"]) as image:
             assert image.mode == "RGB" and image.size == (RES, RES)
             assert image.text["prompt"] == PROMPTS[i] and image.text["seed"] == str(row["seed"])
@@ -120,7 +124,7 @@ def test_images_and_features_equal_the_model_sampler(clean, reference):
     for i, prompt in enumerate(PROMPTS):
         cap, mask = text.encode([prompt])
         rows = cap[0, mask[0]].to(torch.bfloat16)  # the cache is bf16, and the DiT is conditioned on the cache
-        assert torch.equal(cached(out / f"features/{i:06d}.safetensors"), rows)
+        assert torch.equal(cached(features_file(out, prompt)), rows)
         for j in range(SEEDS):
             expected = model.generate(dit, rows[None], mask[:, mask[0]], [i * SEEDS + j], RES, RES, steps=STEPS,
                                       shift=3.0, vae=vae)
@@ -148,11 +152,11 @@ def test_killed_run_resumes_to_the_full_set_without_trusting_partial_files(repo,
         real_save(path, *args)
         saved.append(path)
 
-    real_save = synth.save_png
-    monkeypatch.setattr(synth, "save_png", save_then_die)
+    real_save = model.save_png
+    monkeypatch.setattr(model, "save_png", save_then_die)
     with pytest.raises(RuntimeError, match="killed"):
         synth.main(synth_args(repo, prompts_file, tmp_path))
-    monkeypatch.setattr(synth, "save_png", real_save)
+    monkeypatch.setattr(model, "save_png", real_save)
     done = image_files(tmp_path)
     assert 3 <= len(done) < len(FILES) and not (tmp_path / "metadata.jsonl").exists()
 
@@ -163,18 +167,17 @@ def test_killed_run_resumes_to_the_full_set_without_trusting_partial_files(repo,
     missing = sorted(FILES - done)[0]
     (tmp_path / "images" / f".{Path(missing).name}.999.tmp").write_bytes((clean[0] / missing).read_bytes())
     (tmp_path / "images" / f".{Path(missing).name}.998.tmp").write_bytes(b"\x89PNG partial")
-    features = tmp_path / "features" / "000001.safetensors"
+    features = features_file(tmp_path, PROMPTS[1])
     features.write_bytes(features.read_bytes()[:100])
-    (tmp_path / "features" / ".000002.safetensors.tmp").write_bytes(b"partial")
+    (tmp_path / "features" / f".{features_file(tmp_path, PROMPTS[2]).name}.tmp").write_bytes(b"partial")
 
     summary = synth.main(synth_args(repo, prompts_file, tmp_path))
     assert summary["skipped"] == len(done) - 1 and summary["written"] == len(FILES) - len(done) + 1
     assert image_files(tmp_path) == FILES and not temp_files(tmp_path)
     for name in FILES:
         np.testing.assert_array_equal(pixels(tmp_path / name), pixels(clean[0] / name))
-    for i in range(len(PROMPTS)):
-        name = f"features/{i:06d}.safetensors"
-        assert (tmp_path / name).read_bytes() == (clean[0] / name).read_bytes()
+    for prompt in PROMPTS:
+        assert features_file(tmp_path, prompt).read_bytes() == features_file(clean[0], prompt).read_bytes()
     assert (tmp_path / "metadata.jsonl").read_text() == (clean[0] / "metadata.jsonl").read_text()
 
     again = synth.main(synth_args(repo, prompts_file, tmp_path))  # a finished corpus: nothing left to do
@@ -229,7 +232,7 @@ def test_base_model_cfg_uses_the_empty_negative_prompt(base_repo, reference, tmp
     cap, mask = text.encode([PROMPTS[2]])
     neg, neg_mask = text.encode([""])
     neg = neg[0, neg_mask[0]].to(torch.bfloat16)
-    assert torch.equal(cached(out / "features/negative.safetensors"), neg)
+    assert torch.equal(cached(features_file(out, "")), neg)
     expected = model.generate(dit, cap[0, mask[0]].to(torch.bfloat16)[None], mask[:, mask[0]], [7], 48, 48,
                               steps=STEPS, shift=6.0, guidance=5.0, neg_cap=neg[None],
                               neg_mask=torch.ones(1, len(neg), dtype=torch.bool), vae=vae)

@@ -128,9 +128,33 @@ def test_missing_key_names_layout_and_key(tiny, tmp_path):
         load_vae(folder)
 
 
-def test_tiny_file_does_not_fit_flux_shapes(tiny):
-    # a single file brings no config: without one it must fit FLUX.1's shapes, and says so when it does not
-    with pytest.raises(CheckpointError, match=r"single file, LDM names.*wrong shape"):
+@pytest.mark.parametrize("layout", ["LDM", "diffusers"])
+def test_single_file_of_another_size_reads_its_architecture_from_shapes(tmp_path, layout):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    size = dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
+                down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                use_quant_conv=False, use_post_quant_conv=False)
+    ref = AutoencoderKL(**size).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # biases and norms away from their 0 / 1 defaults
+    path = tmp_path / "vae.safetensors"
+    if layout == "LDM":
+        write_ae_safetensors(ref, path)
+    else:
+        save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    vae = load_vae(path)
+    assert (vae.cfg.block_out_channels, vae.cfg.layers_per_block, vae.cfg.latent_channels) == ((32, 64, 64), 1, 4)
+    img = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        expected = (ref.encode(img).latent_dist.mean - vae.cfg.shift_factor) * vae.cfg.scaling_factor
+        assert rel_err(vae.encode(img), expected) < 1e-4
+
+
+def test_single_file_that_cannot_use_32_groups_asks_for_its_config(tiny):
+    with pytest.raises(CheckpointError, match=r"cannot use 32 GroupNorm groups.*config"):
         load_vae(tiny["paths"]["ae.safetensors"])
 
 
