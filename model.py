@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 if TYPE_CHECKING:  # annotations only: transformers is imported lazily (section 5)
     from transformers import Qwen3Config, Qwen3Model
@@ -1283,6 +1284,23 @@ def read_caption_features(path: Path, prompt: str | None = None) -> torch.Tensor
     except (CheckpointError, SafetensorError):  # torn, not safetensors, or no "cap": not a usable cache entry
         return None
     return cap if cap.ndim == 2 and len(cap) else None
+
+
+def encode_to_cache(text_encoder, prompts: list[str], folder: Path | None, device, dtype: torch.dtype,
+                    progress: bool = False) -> dict[str, torch.Tensor]:
+    """prompt -> its caption features, bf16 on the CPU, each prompt encoded on its own (so its rows never depend on
+    batch companions) and, with `folder`, written to the cache there. The text encoder is freed at the end: the DiT
+    needs the memory next."""
+    encoder, features = load_text_encoder(text_encoder, device=device, dtype=dtype), {}
+    for prompt in tqdm(prompts, desc="encoding prompts", unit="prompt", disable=not progress):
+        cap, mask = encoder.encode([prompt])
+        features[prompt] = cap[0, mask[0]].to("cpu", torch.bfloat16)
+        if folder is not None:
+            write_caption_features(caption_features_path(folder, prompt), features[prompt], prompt)
+    encoder.release()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return features
 
 
 def init_distributed(device: str | None) -> tuple[int, int, torch.device]:

@@ -35,7 +35,6 @@ metadata.jsonl and grid.png once every rank is done.
 
 import argparse
 import csv
-import gc
 import hashlib
 import io
 import json
@@ -330,33 +329,24 @@ def gather_features(out: Path, src: Path, prompts: list[str], mine: list, pendin
     """The features the pending images need (prompt -> [L, D] bf16 on cpu), and how many prompts were encoded.
 
     This rank also owns cache files: a prompt's, when it owns the prompt's first image; the negative prompt's on
-    rank 0. Files that load are used; the rest is encoded one prompt at a time (so a prompt's rows never depend on
-    which other prompts a rank encodes), and the text encoder is released before the DiT loads.
+    rank 0. Files that load are used; the rest is encoded (and cached), and the text encoder freed before the DiT
+    loads.
     """
     negative = [NEGATIVE_PROMPT] if settings["cfg"] > 0 else []
     needed = {prompts[i] for i, _ in pending} | set(negative if pending else [])
     owned = {prompts[i] for i, j in mine if j == 0} | set(negative if rank == 0 else []) if cache else set()
-    features, write = {}, set()
+    features, stale = {}, set()
     for prompt in sorted(needed | owned):
         cap = model.read_caption_features(model.caption_features_path(out / "features", prompt), prompt)
         valid = cap is not None and cap.dtype == torch.bfloat16 and cap.shape[1] == cap_dim
         if not valid and prompt in owned:
-            write.add(prompt)
+            stale.add(prompt)
         if valid and prompt in needed:
             features[prompt] = cap
-    to_encode = sorted((needed - features.keys()) | write)
+    to_encode = sorted((needed - features.keys()) | stale)
     if to_encode:
-        encoder = model.load_text_encoder(src, device=device, dtype=dtype)
-        for prompt in tqdm(to_encode, desc="encoding prompts", unit="prompt", disable=not show):
-            cap, mask = encoder.encode([prompt])
-            rows = cap[0, mask[0]].to(torch.bfloat16).cpu()  # bf16: what the cache holds and training reads
-            if prompt in write:
-                model.write_caption_features(model.caption_features_path(out / "features", prompt), rows, prompt)
-            if prompt in needed:
-                features[prompt] = rows
-        encoder.release()  # the DiT needs the memory next
-        gc.collect()
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        encoded = model.encode_to_cache(src, to_encode, out / "features" if cache else None, device, dtype, show)
+        features.update({prompt: encoded[prompt] for prompt in needed - features.keys()})
     return features, len(to_encode)
 
 

@@ -8,25 +8,21 @@ Train the L2P pixel model: the shallow layers learn pixels while the frozen midd
 
 The objective is written out in the loop (L2P.md): x0 in [-1, 1], sigma one of 1000 shift-3 steps, eps ~ N(0, I),
 x_sigma = (1 - sigma) x0 + sigma eps, plain fp32 MSE between v and eps - x0. Every draw is seeded by the sample's
-global position, so a run gives the same result on any number of processes or micro-batches, and --resume continues
-it exactly. What trains is model.set_trainable's policy (--train-blocks, --strict-freeze).
+global position: any number of processes or micro-batches gives the same run, and --resume continues it exactly.
 
-Precision: the network computes in --dtype (bf16 on CUDA, fp32 on the CPU), frozen and trained weights alike; AdamW
-updates fp32 master copies of the trained tensors, which are copied back after each step. Gradients:
-  one process   a post-accumulate-grad hook adds each gradient into its master's fp32 .grad as soon as the backward
-                pass forms it, and frees it: micro-batches accumulate in fp32 (torch's default would in bf16)
-  torchrun      DistributedDataParallel: bf16 gradient buckets (each .grad a view into one), all-reduced while the
-                backward pass runs; the micro-batches before the last run under no_sync()
-Memory modes (--plan-only prints each):
-  standard      masters and AdamW on the GPU; under torchrun, torch's ZeroRedundancyOptimizer shards AdamW's state
-                over the ranks where the plan needs it (--zero)
-  low memory    masters and AdamW on the CPU (fused CPU AdamW, a chunk of tensors at a time) and gradients in the
-                weights' dtype on the GPU: the real model trains on one 24 GB card with ~29 GiB of host memory (fp32
-                gradients on the host would add 9.5 GiB). Default on cards under 40 GB or where standard does not fit.
+The network computes in --dtype (bf16 on CUDA, fp32 on the CPU); AdamW updates fp32 masters of the trained tensors
+(model.set_trainable's policy), copied back after each step. Gradients: in one process a post-accumulate-grad hook
+adds each into its master's fp32 .grad as soon as it is formed and frees it, so micro-batches accumulate in fp32
+(torch's default would in bf16); under torchrun DistributedDataParallel all-reduces bf16 buckets (the .grad tensors
+are views into them) during the backward pass, earlier micro-batches under no_sync(). Memory modes (--plan-only):
+  standard    masters and AdamW on the GPU; under torchrun ZeroRedundancyOptimizer shards AdamW's state (--zero)
+  low memory  masters and AdamW on the CPU (fused CPU AdamW, a chunk of tensors at a time), gradients on the GPU in
+              the weights' dtype: the real model fits a 24 GB card and ~29 GiB of host memory (fp32 gradients on the
+              host would add 9.5 GiB). The default on cards under 40 GB or where standard does not fit.
 
-Writes in --out: trained.safetensors (only the trained tensors, and where their init is: model.load_model and
-sample.py read it over its init; `convert.py --src trained.safetensors` merges), trained_ema.safetensors (--ema),
-train_state.pt (+ train_state.rank<r>.pt under ZeRO: AdamW state and step), log.jsonl, samples/step_*.png, features/.
+Writes in --out: trained.safetensors (the trained tensors, and where their init is: model.load_model and sample.py
+read it over its init; `convert.py --src trained.safetensors` merges), trained_ema.safetensors (--ema),
+train_state.pt (+ train_state.rank<r>.pt under ZeRO: AdamW state, step), log.jsonl, samples/step_*.png, features/.
 """
 
 import argparse
@@ -45,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageOps
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.rnn import pad_sequence
@@ -54,85 +51,71 @@ import model
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    io_ = parser.add_argument_group("inputs and outputs")
-    io_.add_argument("--init", help="the L2P checkpoint to start from (convert.py output)")
-    io_.add_argument("--data", help="a synth.py output folder, a folder of images with metadata.jsonl or metadata.csv "
-                                    "(file_name/image + prompt/text/caption), or a folder of webdataset .tar shards")
-    io_.add_argument("--out", help="run folder: checkpoints, train_state.pt, log.jsonl, samples/")
-    io_.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
-                                                           "(same settings; same result as an uninterrupted run)")
-    io_.add_argument("--text-encoder", help="Z-Image repo root, its text_encoder/ or qwen_3_4b.safetensors: encodes "
-                                            "captions without cached features into <out>/features/ (once), and the "
-                                            "empty prompt of the CFG samples")
-    opt = parser.add_argument_group("objective and optimizer (defaults: the paper's recipe)")
-    opt.add_argument("--max-steps", type=int, default=10_000, help="optimizer steps; the paper does not publish its "
-                                                                  "count (10k steps = 4 epochs of its 20k images)")
-    opt.add_argument("--batch-size", type=int, default=8, help="global batch, over all processes")
-    opt.add_argument("--micro-batch", type=int, help="samples per process per forward pass (gradients accumulate up "
-                                                     "to the batch); default: the largest the memory plan fits")
-    opt.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (betas are torch's defaults)")
-    opt.add_argument("--head-lr-fan-in", type=int, default=0, metavar="N",
-                     help="0 (the paper): one lr. N > 0: each Detailer Head conv with fan-in k > N learns at lr x N / "
-                          "k (muP's rule for Adam): at a high lr the deepest decoder conv can otherwise die and the "
-                          "head stop hearing the prompt (bench/shapes.py uses 288)")
-    opt.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, on every trained tensor")
-    opt.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = off")
-    opt.add_argument("--warmup", type=int, default=100, help="linear learning-rate warmup in steps, constant after")
-    opt.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained weights, e.g. 0.9999 (0 = off, "
-                                                            "as in the release) -> trained_ema.safetensors")
-    opt.add_argument("--shift", type=float, default=3.0, help="sigma shift s: sigma = s u / (1 + (s - 1) u)")
-    opt.add_argument("--seed", type=int, default=0, help="seeds data order, sigma and noise (sample by sample)")
-    opt.add_argument("--train-blocks", type=int, default=5, help="n: the first and last n main layers train, the "
-                                                                 "middle stays frozen (the paper: 5)")
-    opt.add_argument("--strict-freeze", action="store_true",
-                     help="the paper's wording: only the patch embedder, the first and last n layers and the head "
-                          "train (default: the released code's policy, which also trains refiners and embedders)")
-    opt.add_argument("--res", type=int, default=1024, help="training resolution: shorter side resized, centre crop "
-                                                          "res x res; a multiple of the model's patch")
-    mem = parser.add_argument_group("precision and memory")
-    mem.add_argument("--dtype", choices=["bf16", "fp32"], help="weights the network computes with; default bf16 on "
-                                                               "CUDA, fp32 on the CPU (masters are always fp32)")
-    mem.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                     help="recompute each DiT block in the backward pass instead of keeping its activations")
-    mem.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
-                     help="masters and AdamW on the CPU (default: on for cards under 40 GB or when standard does not fit)")
-    mem.add_argument("--zero", action=argparse.BooleanOptionalAction, default=None,
-                     help="under torchrun in standard mode, shard AdamW's state with ZeroRedundancyOptimizer "
-                          "(default: when the unsharded plan does not fit)")
-    mem.add_argument("--device", help="cuda or cpu (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
-    mem.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0)) - 1),
-                     help="DataLoader worker processes per training process (default: up to 4, fewer than the cores)")
-    mem.add_argument("--plan-only", action="store_true", help="print the memory plan of each mode and exit, loading "
-                                                              "no weight (the real-size L2P, or --init's size)")
-    mem.add_argument("--size", choices=["real"], default="real", help="--plan-only without --init: the real 6.17B L2P")
-    log = parser.add_argument_group("logging, samples and checkpoints")
-    log.add_argument("--log-every", type=int, default=10, help="print and append to log.jsonl every N steps")
-    log.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
-    log.add_argument("--sample-every", type=int, default=500, help="a grid of samples every N steps (0 = never): judge "
-                                                                   "progress on them, the loss can fall on noise")
-    log.add_argument("--sample-count", type=int, default=4, help="samples per grid: the first prompts of the data")
-    log.add_argument("--sample-steps", type=int, default=30, help="Euler steps per sample (released 1K: 30)")
-    log.add_argument("--sample-guidance", type=float, default=2.0, help="CFG scale c of the samples, v_neg + c (v_pos "
-                                                                        "- v_neg), with the empty prompt (1K: 2.0)")
-    log.add_argument("--max-bad-steps", type=int, default=5, help="steps in a row with a non-finite loss or gradient "
-                                                                  "(each skipped) before the run stops, saved")
+    add = parser.add_argument
+    add("--init", help="the L2P checkpoint to start from (convert.py output)")
+    add("--data", help="a synth.py output, a folder of images with metadata.jsonl or .csv (file_name/image + "
+                       "prompt/text/caption), or a folder of webdataset .tar shards")
+    add("--out", help="run folder: checkpoints, train_state.pt, log.jsonl, samples/")
+    add("--resume", action="store_true", help="continue the run in --out from its last checkpoint, exactly")
+    add("--text-encoder", help="Z-Image repo root, its text_encoder/ or qwen_3_4b.safetensors: encodes captions "
+                               "without cached features (once, into <out>/features/) and the samples' empty prompt")
+    # the objective and the optimizer; defaults: the paper's recipe
+    add("--max-steps", type=int, default=10_000, help="optimizer steps (unpublished; 10k = 4 epochs of 20k images)")
+    add("--batch-size", type=int, default=8, help="global batch, over all processes")
+    add("--micro-batch", type=int, help="samples per process per forward pass, gradients accumulating up to the "
+                                        "batch (default: the largest the memory plan fits)")
+    add("--lr", type=float, default=5e-5, help="AdamW learning rate (betas are torch's defaults)")
+    add("--head-lr-fan-in", type=int, default=0, metavar="N",
+        help="0 (the paper): one lr. N > 0: each Detailer Head conv of fan-in k > N learns at lr x N / k (muP's rule "
+             "for Adam): at a high lr the deepest decoder conv can die and the head stop hearing the prompt")
+    add("--weight-decay", type=float, default=0.01, help="AdamW weight decay, on every trained tensor")
+    add("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = off")
+    add("--warmup", type=int, default=100, help="linear learning-rate warmup in steps, constant after")
+    add("--ema", type=float, default=0.0, help="EMA decay of the trained weights, e.g. 0.9999 (0 = off, as released)")
+    add("--shift", type=float, default=3.0, help="sigma shift s: sigma = s u / (1 + (s - 1) u)")
+    add("--seed", type=int, default=0, help="seeds the data order, sigma and noise, sample by sample")
+    add("--train-blocks", type=int, default=5, help="n: the first and last n main layers train (the paper: 5)")
+    add("--strict-freeze", action="store_true", help="only the patch embedder, first/last n layers and head train "
+                                                     "(the paper's wording; default: the released code's policy)")
+    add("--res", type=int, default=1024, help="resolution: shorter side resized, centre crop; a multiple of the patch")
+    # precision and memory
+    add("--dtype", choices=["bf16", "fp32"], help="weights the network computes with (default: bf16 on CUDA, fp32 "
+                                                  "on the CPU, where bf16 convolutions are ~50x slower)")
+    add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+        help="recompute each DiT block in the backward pass instead of keeping its activations")
+    add("--low-memory", action=argparse.BooleanOptionalAction, help="masters and AdamW on the CPU (default: on "
+                                                                    "cards under 40 GB or when standard does not fit)")
+    add("--zero", action=argparse.BooleanOptionalAction, help="under torchrun, shard AdamW's state with "
+                                                              "ZeroRedundancyOptimizer (default: when needed)")
+    add("--device", help="cuda or cpu (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
+    add("--workers", type=int, default=min(4, len(os.sched_getaffinity(0)) - 1),
+        help="DataLoader worker processes per training process (default: up to 4, fewer than the cores)")
+    add("--plan-only", action="store_true", help="print the memory plan of each mode and exit (no weights loaded)")
+    add("--size", choices=["real"], default="real", help="--plan-only without --init: the real 6.17B L2P")
+    # logging, samples, checkpoints
+    add("--log-every", type=int, default=10, help="print and append to log.jsonl every N steps")
+    add("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+    add("--sample-every", type=int, default=500, help="a grid of samples every N steps (0 = never): judge progress on "
+                                                      "them, the loss can fall while samples stay noise")
+    add("--sample-count", type=int, default=4, help="samples per grid: the first prompts of the data")
+    add("--sample-steps", type=int, default=30, help="Euler steps per sample (released 1K: 30)")
+    add("--sample-guidance", type=float, default=2.0, help="CFG c of the samples, v_neg + c (v_pos - v_neg)")
+    add("--max-bad-steps", type=int, default=5, help="steps in a row with a non-finite loss or gradient (each "
+                                                     "skipped) before the run stops, saved")
     args = parser.parse_args(argv)
-    for name in ("max_steps", "batch_size", "micro_batch", "res", "log_every", "save_every", "sample_count",
-                 "sample_steps", "max_bad_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("head_lr_fan_in", "warmup", "sample_every", "workers", "lr", "weight_decay", "grad_clip"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not 0 <= args.ema < 1 or args.shift <= 0:
-        parser.error("--ema must be in [0, 1) and --shift positive")
+    for name, least in dict(max_steps=1, batch_size=1, micro_batch=1, res=1, log_every=1, save_every=1, sample_count=1,
+                            sample_steps=1, max_bad_steps=1, head_lr_fan_in=0, warmup=0, sample_every=0, workers=0,
+                            lr=0, weight_decay=0, grad_clip=0, ema=0).items():
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+    if args.ema >= 1 or args.shift <= 0:
+        parser.error("--ema must be below 1 and --shift positive")
     if not args.plan_only and None in (args.init, args.data, args.out):
         parser.error("--init, --data and --out are required (or --plan-only)")
     return args
 
 
-# Settings that change the trajectory: a resumed run must use the ones it started with.
-RUN_DEFINING = ("seed", "batch_size", "res", "shift", "train_blocks", "strict_freeze", "dtype")
+RUN_DEFINING = ("seed", "batch_size", "res", "shift", "train_blocks", "strict_freeze", "dtype")  # fixed by --resume
 TRAIN_STEPS = 1000  # training sigmas: one of 1000 shifted steps, as the source was trained
 
 
@@ -151,75 +134,43 @@ def main(argv=None):
 
 
 def train(args, out: Path, rank: int, world: int, device: torch.device):
-    per_rank = args.batch_size // world
-    if args.batch_size % world or (args.micro_batch and per_rank % args.micro_batch):
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the {world} processes, and "
-                         f"--micro-batch {args.micro_batch} must divide the per-process batch {per_rank}")
     if (out / "train_state.pt").exists() and not args.resume:
         raise SystemExit(f"{out} already holds a run (train_state.pt); pass --resume to continue it or another --out")
-    out.mkdir(parents=True, exist_ok=True)
     cfg = l2p_config_of(args.init)
     if args.res % cfg.patch_size:
         raise SystemExit(f"--res {args.res} must be a multiple of the model's patch {cfg.patch_size}")
-    try:
-        counts = plan_counts(cfg, args.train_blocks, args.strict_freeze)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    out.mkdir(parents=True, exist_ok=True)
     records = find_records(Path(args.data))
     negative, caption_tokens = prepare_features(records, args, cfg, device, rank, world)
-
-    elem = 2 if args.dtype == "bf16" else 4
-    plan_for = lambda micro, low, zero: memory_plan(cfg, counts, res=args.res, micro_batch=micro, elem=elem, world=world,
-                                                    caption_tokens=caption_tokens, low_memory=low, zero=zero,
-                                                    ema=args.ema > 0, checkpointing=args.grad_checkpointing)
-    capacity = 0.9 * torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else math.inf
-    low_memory = args.low_memory if args.low_memory is not None else capacity < 36e9 or (
-        plan_for(1, False, world > 1)["gpu_total"] > capacity)
-    zero = world > 1 and not low_memory and (args.zero if args.zero is not None else
-                                             plan_for(1, False, False)["gpu_total"] > capacity)
-    micro = args.micro_batch or next((m for m in range(per_rank, 0, -1) if per_rank % m == 0 and
-                                      plan_for(m, low_memory, zero)["gpu_total"] <= capacity), 1)
-    n_micro = per_rank // micro
-    plan = plan_for(micro, low_memory, zero)
-
+    plan, micro, low_memory, zero = choose_plan(args, cfg, caption_tokens, world, device)
+    n_micro = args.batch_size // world // micro
     state, shards = load_train_state(out, args, records) if args.resume else (None, [])
-    start = state["step"] if state else 0
-    log = Log(out, rank, start if state else None)
-    master_device = torch.device("cpu") if low_memory else device
-    net, masters, checkpoint = load_for_training(out / "trained.safetensors" if state else Path(args.init), args,
-                                                 device, master_device)
+    start, log = state["step"] if state else 0, Log(out, rank, state and state["step"])
+    net, masters, layout = load_for_training(out / "trained.safetensors" if state else Path(args.init), args, device,
+                                             torch.device("cpu") if low_memory else device)
     weights = MasterWeights(net, masters, args, hook=world == 1 and not low_memory, zero=zero)
-    if state:
-        weights.load_state(shards, out / "trained_ema.safetensors")
+    weights.load_state(shards, out / "trained_ema.safetensors") if state else None
     del masters, shards
     ddp = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None, init_sync=False,
                                   gradient_as_bucket_view=True) if world > 1 else None
     counters = dict(state["counters"]) if state else {"bad_steps": 0, "skipped_images": 0}
-    mode = f"{'low memory' if low_memory else 'standard'}{', ZeRO' if zero else ''}"
+    trainable = sum(p.numel() for p in weights.params.values())
     log({"event": "plan", "plan": plan, "micro_batch": micro, "low_memory": low_memory, "zero": zero, "world": world},
-        format_plan(f"memory plan: {mode}, {world} process(es), micro-batch {micro} x {n_micro} = {per_rank} per "
-                    f"process, global batch {args.batch_size}, {args.res}^2, captions up to {caption_tokens} tokens",
-                    plan))
-    log({"event": "start", "step": start, "records": len(records), "trainable": counts["trainable"],
-         "frozen": counts["frozen"], "layout": checkpoint.layout},
-        f"{'resuming at' if state else 'starting at'} step {start} of {args.max_steps}: {len(records)} samples, "
-        f"{counts['trainable']:,d} trainable / {counts['frozen']:,d} frozen params ({checkpoint.layout}), {device}, "
-        f"{args.dtype}")
-    if weights.lr_scales:
-        log({"event": "head_lr", "scales": weights.lr_scales}, f"--head-lr-fan-in {args.head_lr_fan_in}: "
-            f"{len(weights.lr_scales)} head tensors learn at lr x {min(weights.lr_scales.values()):.3g}.."
-            f"{max(weights.lr_scales.values()):.3g}")
+        format_plan(f"memory plan: {'low memory' if low_memory else 'standard'}{' + ZeRO' * zero}, {world} process(es),"
+                    f" micro-batch {micro} x {n_micro} per process, global batch {args.batch_size}, {args.res}^2, "
+                    f"captions up to {caption_tokens} tokens", plan))
+    log({"event": "start", "step": start, "records": len(records), "trainable": trainable, "layout": layout,
+         "head_lr_scales": weights.lr_scales}, f"{'resuming at' if state else 'starting at'} step {start} of "
+        f"{args.max_steps}: {len(records)} samples, {trainable:,d} trainable params ({layout}), {device}, {args.dtype}"
+        + (f", {len(weights.lr_scales)} head tensors at lr x {min(weights.lr_scales.values()):.3g}.."
+           f"{max(weights.lr_scales.values()):.3g}" if weights.lr_scales else ""))
 
-    sampler = StepSampler(len(records), args.batch_size, rank, world, args.seed, start, args.max_steps)
-    loader = torch.utils.data.DataLoader(ImageCaptionDataset(records, args.res), batch_size=micro, sampler=sampler,
-                                         collate_fn=collate, num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         prefetch_factor=4 if args.workers else None)
-    batches, dtype = iter(loader), net.cap_pad_token.dtype
-    prompts = [r.features for r in records[:args.sample_count]]
-    bad_images, bad_in_a_row, window, window_start = {}, 0, [], time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
+    order = sample_order(len(records), args.batch_size, rank, world, args.seed, start, args.max_steps)
+    batches = iter(torch.utils.data.DataLoader(ImageCaptionDataset(records, args.res), batch_size=micro, sampler=order,
+                                               collate_fn=collate, num_workers=args.workers,
+                                               pin_memory=device.type == "cuda"))
+    dtype, bad_images, bad_in_a_row, window, clock = net.cap_pad_token.dtype, {}, 0, [], time.perf_counter()
+    torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
     for step in range(start + 1, args.max_steps + 1):
         micro_batches = [next(batches) for _ in range(n_micro)]
         for index, error in (e for mb in micro_batches for e in mb["errors"] if e[0] not in bad_images):
@@ -247,44 +198,38 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
             loss_sum += per_sample.sum().detach()
         loss = all_sum(loss_sum).item() / max(valid, 1)
         grad_norm = weights.step(lr_at(step, args), args.grad_clip) if valid and math.isfinite(loss) else math.nan
-        if not math.isfinite(grad_norm):
-            weights.discard()
 
         if math.isfinite(grad_norm):
-            bad_in_a_row = 0
-            window.append(loss)
-        else:
-            bad_in_a_row += 1
-            counters["bad_steps"] += 1
+            bad_in_a_row, window = 0, window + [loss]
+        else:  # skipped: the weights stay as they were
+            weights.discard()
+            bad_in_a_row, counters["bad_steps"] = bad_in_a_row + 1, counters["bad_steps"] + 1
             reason = ("no readable image" if not valid else "non-finite loss" if not math.isfinite(loss) else
                       "non-finite gradient")
             log({"event": "skipped_step", "step": step, "loss": loss, "grad_norm": grad_norm, "reason": reason},
-                f"step {step}: {reason} (loss {loss}, grad norm {grad_norm}); skipped, weights unchanged "
-                f"({bad_in_a_row} in a row)")
+                f"step {step}: {reason} (loss {loss}, grad norm {grad_norm}); skipped ({bad_in_a_row} in a row)")
             if bad_in_a_row >= args.max_bad_steps:
                 save_checkpoint(out, weights, step, counters, args, records, rank, world)
                 raise SystemExit(f"stopped at step {step}: {bad_in_a_row} steps in a row had a {reason} and were "
-                                 f"skipped. The weights of the last good step are saved in {out} (--resume continues); "
-                                 "lower --lr or --grad-clip, or check the data")
-        if window and (step % args.log_every == 0 or step == start + 1 or step == args.max_steps):
-            seconds = time.perf_counter() - window_start
+                                 f"skipped. The last good weights are saved in {out} (--resume continues); lower "
+                                 "--lr or --grad-clip, or check the data")
+        if window and (step % args.log_every == 0 or step in (start + 1, args.max_steps)):
+            seconds, clock = time.perf_counter() - clock, time.perf_counter()
             row = {"step": step, "loss": sum(window) / len(window), "lr": lr_at(step, args), "grad_norm": grad_norm,
                    "images_per_s": len(window) * args.batch_size / seconds, "step_s": seconds / len(window),
                    "peak_mem_gib": model.peak_memory_gib(device), **counters}
             log(row, f"step {step:6d} | loss {row['loss']:.5f} | lr {row['lr']:.2e} | grad norm {grad_norm:.3f} | "
                      f"{row['images_per_s']:.2f} img/s | peak {row['peak_mem_gib']:.2f} GiB")
-            window, window_start = [], time.perf_counter()
+            window = []
         if step % args.save_every == 0 or step == args.max_steps:
             save_checkpoint(out, weights, step, counters, args, records, rank, world)
-        if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps) and rank == 0:
-            path = write_samples(net, prompts, negative, args, step, out)
+        if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
+            path = write_samples(net, [r.features for r in records[:args.sample_count]], negative, args, step, out)
             log({"event": "samples", "step": step, "path": str(path)}, f"samples: {path}")
 
-    unreadable = [bad_images]
-    if world > 1:
-        unreadable = [None] * world
-        dist.all_gather_object(unreadable, bad_images)
-    names = sorted({records[i].name for part in unreadable for i in part})
+    everyone = [None] * world
+    dist.all_gather_object(everyone, bad_images) if world > 1 else everyone.__setitem__(0, bad_images)
+    names = sorted({records[i].name for part in everyone for i in part})
     log({"event": "summary", "step": args.max_steps, **counters, "unreadable": names},
         f"done at step {args.max_steps}: {counters['bad_steps']} skipped steps, {counters['skipped_images']} image "
         f"reads skipped ({len(names)} unreadable files{': ' + ', '.join(names) if names else ''}); weights in "
@@ -304,8 +249,7 @@ def seeded(seed: int, stream: str, position: int, device="cpu") -> torch.Generat
 
 
 def all_sum(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(value)
+    dist.all_reduce(value) if dist.is_initialized() else None
     return value
 
 
@@ -313,7 +257,6 @@ def all_sum(value: torch.Tensor) -> torch.Tensor:
 # Data: one reader per layout, a Dataset of (image, caption features), a sampler over global sample positions
 # ----------------------------------------------------------------------------------------------------------------
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_FIELDS = ("prompt", "text", "caption")
 
 
@@ -323,14 +266,9 @@ class Record:
     image: str
     caption: str
     features: str | None = None  # the caption-feature cache file (model.caption_features_path)
-    offset: int = -1
-    size: int = 0
+    offset: int = 0
+    size: int = -1
     name: str = ""  # how the log names it
-
-    def read_image_bytes(self) -> bytes:
-        with open(self.image, "rb") as f:
-            f.seek(max(self.offset, 0))
-            return f.read(self.size if self.offset >= 0 else -1)
 
 
 def records_from_metadata(folder: Path) -> list[Record]:
@@ -353,8 +291,8 @@ def records_from_metadata(folder: Path) -> list[Record]:
         if not image or caption is None:
             raise SystemExit(f"{where}: no image file or no caption (the row has {sorted(row)}); each row needs "
                              "file_name or image, and prompt, text or caption")
-        features = row.get("features")
-        records.append(Record(str(folder / image), caption, str(folder / features) if features else None, name=image))
+        features = row.get("features") and str(folder / row["features"])
+        records.append(Record(str(folder / image), caption, features, name=image))
     return records
 
 
@@ -370,15 +308,13 @@ def records_from_shards(shards: list[Path]) -> list[Record]:
         samples: dict[str, dict] = {}
         with tar:
             for member in (m for m in tar if m.isfile()):
-                folder, _, base = member.name.rpartition("/")
-                key, _, ext = base.partition(".")
-                sample, ext = samples.setdefault(f"{folder}/{key}", {}), "." + ext.lower()
-                if ext in IMAGE_EXTENSIONS:
+                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                sample = samples.setdefault(member.name.rpartition("/")[0] + "/" + key, {})
+                if ext.lower() in ("jpg", "jpeg", "png", "webp"):
                     sample["image"] = member
-                elif ext == ".txt":
-                    sample["caption"] = tar.extractfile(member).read().decode("utf-8").strip()
-                elif ext == ".json":
-                    meta = json.loads(tar.extractfile(member).read())
+                elif ext.lower() in ("txt", "json"):
+                    text = tar.extractfile(member).read().decode("utf-8")
+                    meta = json.loads(text) if ext.lower() == "json" else {"caption": text.strip()}
                     sample["caption"] = next((str(meta[f]) for f in CAPTION_FIELDS if meta.get(f)), None)
         for sample in samples.values():
             if sample.get("image") is None or not sample.get("caption"):
@@ -387,8 +323,7 @@ def records_from_shards(shards: list[Path]) -> list[Record]:
             member = sample["image"]
             records.append(Record(str(shard), sample["caption"], offset=member.offset_data, size=member.size,
                                   name=f"{shard.name}:{member.name}"))
-    if incomplete:
-        print(f"data: {incomplete} keys in the shards lack an image or a caption and are left out")
+    print(f"data: {incomplete} keys in the shards lack an image or a caption and are left out") if incomplete else None
     return records
 
 
@@ -410,9 +345,10 @@ def find_records(data: Path) -> list[Record]:
 
 def load_image(record: Record, res: int) -> torch.Tensor:
     """[3, res, res] fp32 in [-1, 1]: the shorter side resized to res (Lanczos), then the centre crop."""
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(record.read_image_bytes())) as image:
+    with open(record.image, "rb") as f:
+        f.seek(record.offset)
+        data = f.read(record.size)
+    with Image.open(io.BytesIO(data)) as image:
         image = ImageOps.exif_transpose(image).convert("RGB")
     scale = res / min(image.size)
     if scale != 1:
@@ -434,13 +370,12 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         index, position = item
-        record = self.records[index]
         try:
-            image, error = load_image(record, self.res), None
+            image, error = load_image(self.records[index], self.res), None
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError... on bad files
             image, error = torch.zeros(3, self.res, self.res), f"{type(e).__name__}: {e}"
-        cap = model.read_caption_features(Path(record.features))
-        return dict(index=index, position=position, image=image, error=error, cap=cap.float())
+        cap = model.read_caption_features(Path(self.records[index].features)).float()
+        return dict(index=index, position=position, image=image, error=error, cap=cap)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -453,27 +388,17 @@ def collate(samples: list[dict]) -> dict:
                 errors=[(s["index"], s["error"]) for s in samples if s["error"] is not None])
 
 
-class StepSampler(torch.utils.data.Sampler):
+def sample_order(n_records: int, batch_size: int, rank: int, world: int, seed: int, start: int, end: int):
     """(record index, global position) for this rank, steps `start` to `end`. The global stream of positions is cut
     into steps of batch_size and rank r takes the r-th slice of each; record indices follow one seeded permutation
     per epoch, so the order depends on the seed alone."""
-
-    def __init__(self, n_records: int, batch_size: int, rank: int, world: int, seed: int, start: int, end: int):
-        self.n, self.batch_size, self.rank, self.world = n_records, batch_size, rank, world
-        self.seed, self.start, self.end = seed, start, end
-
-    def __len__(self):
-        return max(0, self.end - self.start) * self.batch_size // self.world
-
-    def __iter__(self):
-        per_rank, epoch, order = self.batch_size // self.world, -1, None
-        for step in range(self.start, self.end):
-            first = step * self.batch_size + self.rank * per_rank
-            for position in range(first, first + per_rank):
-                if position // self.n != epoch:
-                    epoch = position // self.n
-                    order = torch.randperm(self.n, generator=seeded(self.seed, "epoch", epoch)).tolist()
-                yield order[position % self.n], position
+    per_rank, epoch, order = batch_size // world, -1, None
+    for step in range(start, end):
+        for position in range(step * batch_size + rank * per_rank, step * batch_size + (rank + 1) * per_rank):
+            if position // n_records != epoch:
+                epoch = position // n_records
+                order = torch.randperm(n_records, generator=seeded(seed, "epoch", epoch)).tolist()
+            yield order[position % n_records], position
 
 
 def prepare_features(records: list[Record], args, cfg: model.ZImageConfig, device, rank: int, world: int
@@ -486,36 +411,27 @@ def prepare_features(records: list[Record], args, cfg: model.ZImageConfig, devic
     captions = sorted({r.caption for r in records if r.features is None} | ({""} if wants_negative else set()))
     todo = [c for c in captions if not model.caption_features_path(cache, c).exists()]
     if todo and args.text_encoder is not None:
-        mine = todo[rank::world]
         if rank == 0:
             print(f"text encoder: encoding {len(todo)} captions with {args.text_encoder} into {cache}")
-        if mine:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            encoder = model.load_text_encoder(args.text_encoder, device=device, dtype=dtype)
-            for text in mine:  # one at a time: a caption's features do not depend on its batch companions
-                cap, mask = encoder.encode([text])
-                model.write_caption_features(model.caption_features_path(cache, text), cap[0, mask[0]], text)
-            encoder.release()
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model.encode_to_cache(args.text_encoder, todo[rank::world], cache, device, dtype) if todo[rank::world] else None
         dist.barrier() if dist.is_initialized() else None
     for r in records:
         r.features = r.features or str(model.caption_features_path(cache, r.caption))
-    longest = 0
     missing = [r for r in records if not Path(r.features).exists()]
     if missing:
         raise SystemExit(f"{len(missing)} of {len(records)} samples have no cached text features (first caption: "
-                         f"{missing[0].caption[:60]!r}); pass --text-encoder <Z-Image repo or text_encoder/> to encode "
-                         "them")
-    for path in sorted({r.features for r in records}):
-        shape = model.safetensors_shapes([Path(path)]).get("cap")
+                         f"{missing[0].caption[:60]!r}); pass --text-encoder <Z-Image repo or text_encoder/> to "
+                         "encode them")
+    shapes = {path: model.safetensors_shapes([Path(path)]).get("cap") for path in sorted({r.features for r in records})}
+    for path, shape in shapes.items():
         if shape is None or len(shape) != 2 or shape[0] < 1 or shape[1] != cfg.cap_feat_dim:
-            raise SystemExit(f"caption features {path}: expected a tensor 'cap' [L, {cfg.cap_feat_dim}] (the text "
-                             f"encoder's rows for this model), found {shape}")
-        longest = max(longest, shape[0])
+            raise SystemExit(f"caption features {path}: expected a tensor 'cap' [L >= 1, {cfg.cap_feat_dim}] (the "
+                             f"text encoder's rows for this model), found {shape}")
     negative = model.caption_features_path(cache, "")
     if wants_negative and not negative.exists() and rank == 0:
         print("samples: no features of the empty prompt (pass --text-encoder once), so samples are unguided")
-    return (negative if wants_negative and negative.exists() else None), longest
+    return (negative if wants_negative and negative.exists() else None), max(s[0] for s in shapes.values())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -526,84 +442,67 @@ CHUNK_ELEMENTS = 2 ** 26  # fp32 gradients made from .grad: at most ~this many e
 
 
 class MasterWeights:
-    """fp32 masters of the trained tensors and their optimizer. With `hook` (one process, standard mode) each
-    gradient goes into its master's fp32 .grad as it is formed; otherwise the weights' own .grad (DDP's buckets under
-    torchrun) holds it until step() converts it, a chunk of tensors at a time (the whole own shard under ZeRO)."""
+    """fp32 masters of the trained tensors, their AdamW (or ZeRO) and EMA. With `hook` (one process, standard mode)
+    each gradient goes into its master's fp32 .grad as it is formed; otherwise the weights' own .grad (DDP's buckets
+    under torchrun) holds it until step() converts it, a chunk of tensors at a time (under ZeRO: the own shard)."""
 
     def __init__(self, net: model.ZImageDiT, masters: dict[str, torch.Tensor], args, hook: bool, zero: bool):
         self.params = {n: p for n, p in net.named_parameters() if p.requires_grad}
         self.masters, self.hook, self.ema_decay = masters, hook, args.ema
         self.lr_scales = {n: s for n in self.params if (s := lr_scale(n, self.params, args.head_lr_fan_in)) < 1}
-        by_scale = {}
-        for name in self.params:
-            by_scale.setdefault(self.lr_scales.get(name, 1.0), []).append(name)
-        groups = [{"params": [masters[n] for n in names], "lr_scale": s} for s, names in by_scale.items()]
+        scales = sorted(set(self.lr_scales.values()) | {1.0})
+        groups = [{"params": [m for n, m in masters.items() if self.lr_scales.get(n, 1.0) == s], "lr_scale": s}
+                  for s in scales]
         adamw = dict(lr=args.lr, weight_decay=args.weight_decay, fused=True)
-        if zero:
-            self.optimizer = ZeroRedundancyOptimizer(groups, torch.optim.AdamW, **adamw)
-            owned = {id(p) for g in self.optimizer.optim.param_groups for p in g["params"]}
-            self.local = self.optimizer.optim
-            self.chunks = [[n for n in self.params if id(masters[n]) in owned]]
-        else:
-            self.optimizer = self.local = torch.optim.AdamW(groups, **adamw)
-            self.chunks, size = [[]], 0
-            for name, p in self.params.items():
-                if size + p.numel() > CHUNK_ELEMENTS and self.chunks[-1] and not hook:
-                    self.chunks, size = self.chunks + [[]], 0
-                self.chunks[-1].append(name)
-                size += p.numel()
+        self.optimizer = ZeroRedundancyOptimizer(groups, torch.optim.AdamW, **adamw) if zero else \
+            torch.optim.AdamW(groups, **adamw)
+        self.local = self.optimizer.optim if zero else self.optimizer  # the optimizer of the tensors this rank steps
+        own = [n for n, m in masters.items() if any(m is q for g in self.local.param_groups for q in g["params"])]
+        self.chunks = [own] if hook or zero else [[]]
+        for name in own if not (hook or zero) else []:
+            if sum(self.params[n].numel() for n in self.chunks[-1]) + self.params[name].numel() > CHUNK_ELEMENTS:
+                self.chunks.append([])
+            self.chunks[-1].append(name)
+        self.chunks = [c for c in self.chunks if c]
         self.ema = {n: m.clone() for n, m in masters.items()} if args.ema else {}
-        if hook:
-            self.fresh = set(self.params)  # accumulators not yet written this step: the first gradient is copied in
-            for name, p in self.params.items():
-                masters[name].grad = torch.zeros_like(masters[name])
-                p.register_post_accumulate_grad_hook(self._accumulate(name))
+        for name, p in self.params.items() if hook else []:
+            masters[name].grad = torch.zeros_like(masters[name])
+            p.register_post_accumulate_grad_hook(self._accumulate(name))
 
     def _accumulate(self, name: str):
         def take_gradient(p):
-            grad = self.masters[name].grad
-            grad.copy_(p.grad) if name in self.fresh else grad.add_(p.grad)
-            self.fresh.discard(name)
+            self.masters[name].grad.add_(p.grad)
             p.grad = None
         return take_gradient
 
+    def gradients(self) -> list[torch.Tensor]:
+        if self.hook:
+            return [m.grad for m in self.masters.values()]
+        return [p.grad for p in self.params.values() if p.grad is not None]
+
     def discard(self):
         """Drop the step's gradients (a skipped step)."""
-        if self.hook:
-            self.fresh = set(self.params)
-        else:
-            torch._foreach_zero_([p.grad for p in self.params.values() if p.grad is not None])
+        torch._foreach_zero_(self.gradients())
 
     @torch.no_grad()
     def step(self, lr: float, grad_clip: float) -> float:
         """Clip and apply the step's gradients; returns the global gradient norm (no update if it is not finite)."""
-        if self.hook:
-            for name in self.fresh:  # a tensor that got no gradient this step contributes zero
-                self.masters[name].grad.zero_()
-            grads = [m.grad for m in self.masters.values()]
-        else:
-            grads = [p.grad for p in self.params.values() if p.grad is not None]
+        grads = self.gradients()
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
-                                                     for g in grads])).item() if grads else 0.0
+                                                     for g in grads])).item()
         if not math.isfinite(norm):
             return norm
-        clip = min(1.0, grad_clip / (norm + 1e-6)) if grad_clip > 0 else 1.0
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         for chunk in self.chunks:
-            if not self.hook:
-                for name in chunk:
-                    grad = self.params[name].grad
-                    self.masters[name].grad = None if grad is None else grad.to(self.masters[name].device).float()
-            chunk_grads = [self.masters[n].grad for n in chunk if self.masters[n].grad is not None]
-            torch._foreach_mul_(chunk_grads, clip) if clip < 1 else None
-            self.optimizer.step()  # steps the tensors that have a .grad: this chunk (ZeRO: one chunk, its shard)
-            if not self.hook:
-                for name in chunk:
-                    self.masters[name].grad = None
-        self.fresh = set(self.params) if self.hook else None
-        if not self.hook:
-            torch._foreach_zero_(grads)
+            for name in chunk if not self.hook else []:
+                self.masters[name].grad = self.params[name].grad.to(self.masters[name].device).float()
+            if 0 < grad_clip < norm:
+                torch._foreach_mul_([self.masters[n].grad for n in chunk], grad_clip / (norm + 1e-6))
+            self.optimizer.step()  # steps the tensors that have a .grad: this chunk (ZeRO: its shard, then syncs all)
+            for name in chunk if not self.hook else []:
+                self.masters[name].grad = None
+        torch._foreach_zero_(grads)
         if self.ema:
             torch._foreach_lerp_(list(self.ema.values()), [self.masters[n] for n in self.ema], 1 - self.ema_decay)
         for name, p in self.params.items():
@@ -612,22 +511,18 @@ class MasterWeights:
 
     def state(self) -> dict[str, dict]:
         """AdamW's state of the tensors this rank steps, by name (a run can resume on another number of ranks)."""
-        return {n: {k: v.cpu() for k, v in self.local.state[m].items()} for n, m in self.masters.items()
-                if m in self.local.state}
+        return {n: {k: v.cpu() for k, v in self.local.state[self.masters[n]].items()} for c in self.chunks for n in c}
 
     def load_state(self, shards: list[dict], ema: Path):
-        steps = {n: m for chunk in self.chunks for n in chunk for m in [self.masters[n]]}
-        states = {n: s for shard in shards for n, s in shard["adamw"].items() if n in steps}
-        missing = [n for n in steps if n not in states]
-        if missing:
-            raise SystemExit(f"--resume: the optimizer state lacks {len(missing)} tensors (first: {missing[0]})")
-        for name, state in states.items():
-            self.local.state[steps[name]] = {k: v.to(steps[name].device) for k, v in state.items()}
-        if self.ema:
-            if not ema.exists():
-                raise SystemExit("--resume: the run has no trained_ema.safetensors; resume with the --ema it started with")
-            for name, tensor in model.read_tensors([ema]):
-                self.ema[name].copy_(tensor)
+        states = {n: s for shard in shards for n, s in shard["adamw"].items()}
+        for name in (n for chunk in self.chunks for n in chunk):
+            if name not in states:
+                raise SystemExit(f"--resume: the optimizer state lacks {name}; restore the run's train_state files")
+            self.local.state[self.masters[name]] = {k: v.to(self.masters[name].device) for k, v in states[name].items()}
+        if self.ema and not ema.exists():
+            raise SystemExit("--resume: the run has no trained_ema.safetensors; resume with the --ema it started with")
+        for name, tensor in model.read_tensors([ema]) if self.ema else []:
+            self.ema[name].copy_(tensor)
 
 
 def lr_scale(name: str, params: dict[str, torch.Tensor], head_fan_in: int) -> float:
@@ -666,7 +561,7 @@ def load_for_training(path: Path, args, device: torch.device, master_device: tor
     model.assign_weights(net, stream(), checkpoint.layout, device=device, dtype=dtype)
     model.set_trainable(net, args.train_blocks, args.strict_freeze)  # assignment made new Parameter objects
     net.gradient_checkpointing = args.grad_checkpointing
-    return net.train(), masters, checkpoint
+    return net.train(), masters, checkpoint.layout
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -724,6 +619,29 @@ def memory_plan(cfg: model.ZImageConfig, counts: dict, *, res: int, micro_batch:
     host = optimizer if low_memory else {}
     return dict(gpu={k: v for k, v in gpu.items() if v}, host={k: v for k, v in host.items() if v},
                 gpu_total=sum(gpu.values()), host_total=sum(host.values()))
+
+
+def choose_plan(args, cfg: model.ZImageConfig, caption_tokens: int, world: int, device: torch.device):
+    """(plan, micro-batch, low memory, ZeRO): the flags where given, else what the plan fits into 90% of the GPU."""
+    per_rank = args.batch_size // world
+    if args.batch_size % world or (args.micro_batch and per_rank % args.micro_batch):
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the {world} processes, and "
+                         f"--micro-batch {args.micro_batch} must divide the per-process batch {per_rank}")
+    try:
+        counts = plan_counts(cfg, args.train_blocks, args.strict_freeze)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    plan = lambda micro, low, zero: memory_plan(cfg, counts, res=args.res, micro_batch=micro, world=world, zero=zero,
+                                                elem=2 if args.dtype == "bf16" else 4, caption_tokens=caption_tokens,
+                                                low_memory=low, ema=args.ema > 0, checkpointing=args.grad_checkpointing)
+    capacity = 0.9 * torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else math.inf
+    low = args.low_memory if args.low_memory is not None else (
+        capacity < 36e9 or plan(1, False, world > 1)["gpu_total"] > capacity)
+    zero = world > 1 and not low and (args.zero if args.zero is not None else plan(1, False, False)["gpu_total"] >
+                                      capacity)
+    micro = args.micro_batch or next((m for m in range(per_rank, 0, -1) if per_rank % m == 0 and
+                                      plan(m, low, zero)["gpu_total"] <= capacity), 1)
+    return plan(micro, low, zero), micro, low, zero
 
 
 def format_plan(title: str, plan: dict) -> str:
@@ -825,12 +743,11 @@ class Log:
 @torch.no_grad()
 def write_samples(net: model.ZImageDiT, prompts: list[str], negative: Path | None, args, step: int, out: Path) -> Path:
     """The fixed grid: the first prompts of the data, seeds 0, 1, ... -> <out>/samples/step_XXXXXX.png."""
-    net.eval()
     neg = {}
     if negative is not None:
         neg_cap = model.read_caption_features(negative)[None]
-        neg = dict(guidance=args.sample_guidance, neg_cap=neg_cap,
-                   neg_mask=torch.ones(neg_cap.shape[:2], dtype=torch.bool))
+        neg = dict(guidance=args.sample_guidance, neg_cap=neg_cap, neg_mask=torch.ones(neg_cap.shape[:2], dtype=bool))
+    net.eval()
     images = []
     for seed, features in enumerate(prompts):  # one at a time: the peak stays that of a single image
         cap = model.read_caption_features(Path(features))[None]
