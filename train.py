@@ -160,7 +160,7 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
                     f" micro-batch {micro} x {n_micro} per process, global batch {args.batch_size}, {args.res}^2, "
                     f"captions up to {caption_tokens} tokens", plan))
     log({"event": "start", "step": start, "records": len(records), "trainable": trainable, "layout": layout,
-         "head_lr_scales": weights.lr_scales}, f"{'resuming at' if state else 'starting at'} step {start} of "
+         "device": str(device), "dtype": args.dtype, "workers": args.workers, "head_lr_scales": weights.lr_scales}, f"{'resuming at' if state else 'starting at'} step {start} of "
         f"{args.max_steps}: {len(records)} samples, {trainable:,d} trainable params ({layout}), {device}, {args.dtype}"
         + (f", {len(weights.lr_scales)} head tensors at lr x {min(weights.lr_scales.values()):.3g}.."
            f"{max(weights.lr_scales.values()):.3g}" if weights.lr_scales else ""))

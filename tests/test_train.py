@@ -21,13 +21,14 @@ from safetensors.torch import load_file
 
 import convert
 import model
+import sample
 import train
 from tiny import make_tiny_zimage_repo
 
 ROOT = Path(train.__file__).parent
 # Tiny runs: fp32 on CPU, res 32 (2 x 2 tokens of 16 px), the tiny DiT's 3 layers (so n = 1), every step logged.
-TINY = ["--dtype", "fp32", "--device", "cpu", "--workers", "0", "--res", "32", "--train-blocks", "1",
-        "--sample-every", "0", "--log-every", "1", "--warmup", "0", "--batch-size", "4"]
+TINY = ["--device", "cpu", "--workers", "0", "--res", "32", "--train-blocks", "1", "--sample-every", "0",
+        "--log-every", "1", "--warmup", "0", "--batch-size", "4"]
 CAP_DIM = 64  # the tiny text encoder's hidden size = the tiny DiT's cap_feat_dim
 
 
@@ -142,6 +143,42 @@ def test_loss_falls_frozen_tensors_stay_bit_identical_and_samples_are_written(in
     assert {"loss", "lr", "grad_norm", "images_per_s", "peak_mem_gib"} <= row.keys()
     plan = log_rows(out, "plan")[0]
     assert plan["micro_batch"] == 4 and not plan["low_memory"]
+
+
+def test_cpu_defaults_fp32_and_workers_below_the_core_count(init, synth, tmp_path):
+    run(init, synth, tmp_path / "run", "--max-steps", "1")  # no --dtype
+    start = log_rows(tmp_path / "run", "start")[0]
+    assert start["dtype"] == "fp32" and start["device"] == "cpu"
+    assert all(t.dtype == torch.float32 for t in load_file(str(tmp_path / "run" / "trained.safetensors")).values())
+    workers = train.parse_args(["--plan-only"]).workers
+    assert 0 <= workers <= 4 and workers < len(os.sched_getaffinity(0))
+
+
+def test_a_moved_run_folder_samples_and_a_stand_in_init_is_refused(repo, synth, tmp_path):
+    project = tmp_path / "project"
+    convert.main(["--src", str(repo), "--out", str(project / "l2p-init.safetensors")])
+    run(project / "l2p-init.safetensors", synth, project / "runs" / "a", "--max-steps", "2", "--lr", "1e-3")
+    moved = tmp_path / "elsewhere" / "project"
+    (project.parent / "elsewhere").mkdir()
+    project.rename(moved)  # the run and its init moved together: the recorded relative path still holds
+    trained = moved / "runs" / "a" / "trained.safetensors"
+    expected = model.load_model(trained, dtype=torch.float32).state_dict()
+    sample_args = ["--text-encoder", str(repo), "--prompt", "a cat", "--res", "32", "--steps", "2", "--device", "cpu"]
+    sample.main(["--ckpt", str(trained), *sample_args, "--out", str(tmp_path / "moved.png")])
+    assert Image.open(tmp_path / "moved.png").size == (32, 32)
+    alone = tmp_path / "alone"
+    (moved / "runs" / "a").rename(alone)  # the run folder alone: its init must be named
+    with pytest.raises(model.CheckpointError, match="holds only the trained tensors.*--init"):
+        model.load_model(alone / "trained.safetensors")
+    sample.main(["--ckpt", str(alone / "trained.safetensors"), "--init", str(moved / "l2p-init.safetensors"),
+                 *sample_args, "--out", str(tmp_path / "alone.png")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "alone.png")), np.asarray(Image.open(tmp_path / "moved.png")))
+    loaded = model.load_model(alone / "trained.safetensors", dtype=torch.float32, init=moved / "l2p-init.safetensors")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
+    other = tmp_path / "other-init.safetensors"
+    convert.main(["--src", str(repo), "--out", str(other), "--seed", "1"])
+    with pytest.raises(model.CheckpointError, match="is not the init"):
+        model.load_model(alone / "trained.safetensors", init=other)
 
 
 @torch.no_grad()
