@@ -81,6 +81,9 @@ def main(argv=None):
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise SystemExit(f"--out {out}: write a .safetensors file")
+    if model.detect_family(args.src, args.init) == "flux2":
+        raise SystemExit(f"--src {args.src} is a FLUX.2 transformer: its L2P conversion is not built yet; convert a "
+                         "Z-Image source (repo root, transformer/ folder or single file)")
     source = model.open_dit_checkpoint(args.src, args.init)
     cast = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if source.trained is not None:

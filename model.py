@@ -6,14 +6,17 @@ x_sigma = (1 - sigma) * x0 + sigma * eps; every model's forward takes sigma and 
 Published formats are converted at their boundary (loading), nowhere else.
 
 Sections
-  1. Blocks         3-axis RoPE, attention (q/k RMSNorm, SDPA), SwiGLU feed-forward, the (modulated) DiT block
+  1. Blocks         RoPE (any number of axes), attention (q/k RMSNorm, SDPA), SwiGLU, the (modulated) Z-Image block
   2. Z-Image DiT    ZImageConfig, ZImageDiT: forward(x, sigma, cap, cap_mask) -> v (latent, or L2P pixels)
-  3. L2P head       DetailerHead, l2p_config (latent config -> pixel config), set_trainable (the freeze policy)
-  4. VAE            FluxVAEConfig, FluxVAE: encode(img) -> normalised latent, decode(latent) -> img
-  5. Text encoder   TextEncoder: Qwen3 through transformers, encode(prompts) -> (cap, cap_mask)
-  6. Loading        safetensors read / streaming write, layout detection, meta-device init + assign:
-                    load_model (Z-Image and L2P, every layout), load_vae, load_text_encoder
-  7. Sampling       shifted sigma grid, per-seed noise, Euler sampler with CFG, generate, the source's presets
+  3. FLUX.2 DiT     Flux2Config, Flux2DiT (klein 4B MMDiT: double- then single-stream blocks): the same forward
+  4. L2P head       DetailerHead, l2p_config (latent config -> pixel config), set_trainable (the freeze policy)
+  5. VAEs           FluxVAE (FLUX.1, Z-Image's) and Flux2VAE: encode(img) -> normalised latent, decode(latent) -> img
+  6. Text encoder   TextEncoder: Qwen3 through transformers, encode(prompts) -> (cap, cap_mask), Z-Image's recipe or
+                    FLUX.2's
+  7. Loading        safetensors read / streaming write, layout detection, meta-device init + assign:
+                    load_model (Z-Image, L2P, FLUX.2; every published layout), load_vae, load_text_encoder
+  8. Sampling       shifted sigma grid, per-seed noise, Euler sampler with CFG, generate, the sources' presets
+  9. I/O            atomic writes, PNG and grids, the caption-feature cache, processes (torchrun), peak memory
 """
 
 import hashlib
@@ -26,6 +29,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
 
@@ -64,6 +68,14 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     rotated by one complex product (one kernel forward and backward, instead of six elementwise passes + a stack)."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * freqs).flatten(-2).type_as(x)
+
+
+def timestep_sinusoid(t: torch.Tensor, channels: int = 256) -> torch.Tensor:
+    """t [B] -> [B, channels] fp32, [cos | sin] at frequencies 10000^(-i / half), i < half (Z-Image and FLUX.2)."""
+    half = channels // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs
+    return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
 class Attention(nn.Module):
@@ -181,11 +193,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t.float()[:, None] * freqs
-        sinusoid = torch.cat([args.cos(), args.sin()], dim=-1)  # cos first, as Z-Image
-        return self.mlp(sinusoid.to(self.mlp[0].weight.dtype))
+        return self.mlp(timestep_sinusoid(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 class FinalLayer(nn.Module):
@@ -307,7 +315,263 @@ class ZImageDiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. L2P head: the pixel model = the Z-Image transformer on p x p RGB patches + a conv U-Net "Detailer Head"
+# 3. FLUX.2 MMDiT (FLUX.2 [klein] 4B: double-stream blocks, then single-stream blocks, shared modulation)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Flux2Config:
+    # field names are the keys of diffusers' transformer/config.json (Flux2Transformer2DModel), so config_from_json
+    # reads it directly; the defaults are FLUX.2 [klein] 4B's (diffusers' own defaults are FLUX.2 [dev]'s)
+    in_channels: int = 128  # the 2x2-patchified 32-channel VAE latent
+    patch_size: int = 1  # one token per position of that latent: 16 x 16 pixels
+    num_layers: int = 5  # double-stream blocks
+    num_single_layers: int = 20
+    num_attention_heads: int = 24
+    attention_head_dim: int = 128
+    joint_attention_dim: int = 7680  # Qwen3-4B hidden states of 3 layers, side by side
+    timestep_guidance_channels: int = 256
+    mlp_ratio: float = 3.0
+    axes_dims_rope: tuple[int, ...] = (32, 32, 32, 32)  # (t, h, w, l) position axes
+    rope_theta: float = 2000.0
+    eps: float = 1e-6
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.dim * self.mlp_ratio)
+
+    @property
+    def cap_feat_dim(self) -> int:  # the name the scripts share with ZImageConfig
+        return self.joint_attention_dim
+
+    @property
+    def pixel_head(self) -> bool:  # what generate() asks; this is the latent source
+        return False
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without weights, then (1 + scale) * x + shift; scale1 is 1 + scale, formed once per forward."""
+    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), scale1)
+
+
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """q, k, v [B, S, heads, head_dim] (q, k already RMS-normed) -> [B, S, heads * head_dim]; no mask, FLUX.2
+    attends to every token, caption pads included."""
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2)
+
+
+class Modulation(nn.Module):
+    """shift, scale, gate sets from the timestep embedding; one per block type, shared by all its blocks."""
+
+    def __init__(self, dim: int, n_sets: int):
+        super().__init__()
+        self.n_sets = n_sets
+        self.linear = nn.Linear(dim, 3 * n_sets * dim, bias=False)
+
+    def forward(self, temb: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """temb [B, dim] -> n_sets x (shift, 1 + scale, gate), each [B, 1, dim]."""
+        chunks = self.linear(F.silu(temb)).unsqueeze(1).chunk(3 * self.n_sets, dim=-1)
+        return [(chunks[i], 1 + chunks[i + 1], chunks[i + 2]) for i in range(0, 3 * self.n_sets, 3)]
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)  # rows [gate | up]
+        self.linear_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.linear_in(x).chunk(2, dim=-1)
+        return self.linear_out(F.silu(gate) * up)
+
+
+class JointAttention(nn.Module):
+    """Image and caption streams, each with its own projections and QK norms, attending as one [caption; image]
+    sequence. Keys follow diffusers: to_* / norm_* for the image, add_*_proj / norm_added_* for the caption."""
+
+    def __init__(self, dim: int, n_heads: int, eps: float):
+        super().__init__()
+        self.n_heads, head_dim = n_heads, dim // n_heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps=eps), nn.RMSNorm(head_dim, eps=eps)
+        self.norm_added_q, self.norm_added_k = nn.RMSNorm(head_dim, eps=eps), nn.RMSNorm(head_dim, eps=eps)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])  # a list only to keep the published key to_out.0
+        self.to_add_out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """img [B, N, dim], txt [B, L, dim], rope [1, L + N, 1, head_dim / 2] -> (img, txt) attention outputs."""
+        L = txt.shape[1]
+        heads = lambda x: x.unflatten(-1, (self.n_heads, -1))  # [B, S, dim] -> [B, S, heads, head_dim]
+        q = torch.cat([self.norm_added_q(heads(self.add_q_proj(txt))), self.norm_q(heads(self.to_q(img)))], dim=1)
+        k = torch.cat([self.norm_added_k(heads(self.add_k_proj(txt))), self.norm_k(heads(self.to_k(img)))], dim=1)
+        v = torch.cat([heads(self.add_v_proj(txt)), heads(self.to_v(img))], dim=1)
+        out = joint_attention(q, k, v, rope)  # [B, L + N, dim]
+        return self.to_out[0](out[:, L:]), self.to_add_out(out[:, :L])
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, cfg: Flux2Config):
+        super().__init__()
+        self.eps = cfg.eps
+        self.attn = JointAttention(cfg.dim, cfg.num_attention_heads, cfg.eps)
+        self.ff = SwiGLU(cfg.dim, cfg.mlp_hidden)
+        self.ff_context = SwiGLU(cfg.dim, cfg.mlp_hidden)
+
+    def forward(self, img, txt, rope, mod_img, mod_txt):
+        """img [B, N, dim], txt [B, L, dim]; mod_* = the two (shift, 1 + scale, gate) sets: attention, then MLP."""
+        (shift1, scale1, gate1), (shift2, scale2, gate2) = mod_img
+        (c_shift1, c_scale1, c_gate1), (c_shift2, c_scale2, c_gate2) = mod_txt
+        img_attn, txt_attn = self.attn(modulate(img, shift1, scale1, self.eps),
+                                       modulate(txt, c_shift1, c_scale1, self.eps), rope)
+        img = torch.addcmul(img, gate1, img_attn)
+        img = torch.addcmul(img, gate2, self.ff(modulate(img, shift2, scale2, self.eps)))
+        txt = torch.addcmul(txt, c_gate1, txt_attn)
+        txt = torch.addcmul(txt, c_gate2, self.ff_context(modulate(txt, c_shift2, c_scale2, self.eps)))
+        return img, txt
+
+
+class ParallelAttentionMLP(nn.Module):
+    """Attention and SwiGLU MLP side by side: one input projection [q | k | v | gate | up] and one output projection
+    of [attention | MLP] (diffusers names the pair `attn`)."""
+
+    def __init__(self, dim: int, n_heads: int, mlp_hidden: int, eps: float):
+        super().__init__()
+        self.n_heads, self.split = n_heads, (dim, dim, dim, mlp_hidden, mlp_hidden)
+        self.to_qkv_mlp_proj = nn.Linear(dim, 3 * dim + 2 * mlp_hidden, bias=False)
+        self.norm_q, self.norm_k = nn.RMSNorm(dim // n_heads, eps=eps), nn.RMSNorm(dim // n_heads, eps=eps)
+        self.to_out = nn.Linear(dim + mlp_hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:  # [B, S, dim] -> [B, S, dim]
+        q, k, v, gate, up = self.to_qkv_mlp_proj(x).split(self.split, dim=-1)
+        heads = lambda t: t.unflatten(-1, (self.n_heads, -1))
+        attn = joint_attention(self.norm_q(heads(q)), self.norm_k(heads(k)), heads(v), rope)
+        return self.to_out(torch.cat([attn, F.silu(gate) * up], dim=-1))
+
+
+class SingleStreamBlock(nn.Module):
+    def __init__(self, cfg: Flux2Config):
+        super().__init__()
+        self.eps = cfg.eps
+        self.attn = ParallelAttentionMLP(cfg.dim, cfg.num_attention_heads, cfg.mlp_hidden, cfg.eps)
+
+    def forward(self, x, rope, mod):  # x [B, L + N, dim], mod = one (shift, 1 + scale, gate) set
+        shift, scale1, gate = mod
+        return torch.addcmul(x, gate, self.attn(modulate(x, shift, scale1, self.eps), rope))
+
+
+class TimestepMLP(nn.Module):
+    def __init__(self, channels: int, dim: int):
+        super().__init__()
+        self.channels = channels
+        self.linear_1 = nn.Linear(channels, dim, bias=False)
+        self.linear_2 = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # t [B] (0..1000) -> [B, dim]
+        sinusoid = timestep_sinusoid(t, self.channels).to(self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(sinusoid)))
+
+
+class OutputNorm(nn.Module):
+    """The final adaLN; its rows are [scale; shift] (diffusers' order; BFL files store [shift; scale])."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.linear = nn.Linear(dim, 2 * dim, bias=False)
+
+    def forward(self, x, temb):  # x [B, N, dim], temb [B, dim]
+        scale, shift = self.linear(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
+        return modulate(x, shift, 1 + scale, self.eps)
+
+
+class Flux2DiT(nn.Module):
+    """FLUX.2's MMDiT. forward(x, sigma, cap, cap_mask) -> v = eps - x0.
+
+    Sequence: [caption tokens (all of them, pads included); image tokens row-major]. Position ids (t, h, w, l):
+    caption token j is (0, 0, 0, j), image token (r, c) is (0, r, c, 0). Double-stream blocks keep the two streams'
+    weights apart; single-stream blocks run on the joined sequence. cap_mask is accepted for the common interface
+    and not used: FLUX.2 attends to every caption position.
+    """
+
+    def __init__(self, cfg: Flux2Config):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        assert cfg.attention_head_dim == sum(cfg.axes_dims_rope), "head_dim must equal the sum of the RoPE axes"
+        if cfg.patch_size != 1:
+            raise ValueError(f"patch size {cfg.patch_size}: FLUX.2 takes one latent position per token (patch 1)")
+        self.x_embedder = nn.Linear(cfg.in_channels, dim, bias=False)
+        self.context_embedder = nn.Linear(cfg.joint_attention_dim, dim, bias=False)
+        # a dict only to keep the published key; klein has no guidance embedder beside it
+        self.time_guidance_embed = nn.ModuleDict({"timestep_embedder": TimestepMLP(cfg.timestep_guidance_channels,
+                                                                                   dim)})
+        self.double_stream_modulation_img = Modulation(dim, 2)
+        self.double_stream_modulation_txt = Modulation(dim, 2)
+        self.single_stream_modulation = Modulation(dim, 1)
+        self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.num_layers))
+        self.single_transformer_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.num_single_layers))
+        self.norm_out = OutputNorm(dim, cfg.eps)
+        self.proj_out = nn.Linear(dim, cfg.in_channels, bias=False)
+        self.gradient_checkpointing = False
+
+    def _run(self, block, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def transformer(self, tokens: torch.Tensor, grid: tuple[int, int], sigma: torch.Tensor, cap: torch.Tensor,
+                    cap_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything between the patch embedder's input and the output layer.
+
+        tokens [B, N, in_channels] (N = grid h * w, row-major), sigma [B] (1 = noise), cap [B, L, joint_attention_dim].
+        Returns the last single block's image tokens [B, N, dim] (before norm_out) and the timestep embedding
+        temb [B, dim].
+        """
+        B, N, _ = tokens.shape
+        L, device, dtype = cap.shape[1], tokens.device, self.x_embedder.weight.dtype
+        h, w = grid
+        sigma = sigma.to(device=device, dtype=torch.float32).expand(B)
+        temb = self.time_guidance_embed["timestep_embedder"](1000 * sigma)  # [B, dim]
+        mod_img, mod_txt = self.double_stream_modulation_img(temb), self.double_stream_modulation_txt(temb)
+        (mod_single,) = self.single_stream_modulation(temb)
+
+        ids = torch.zeros(1, L + N, 4, dtype=torch.long, device=device)  # the same for every sample
+        ids[0, :L, 3] = torch.arange(L, device=device)
+        ids[0, L:, 1] = torch.arange(h, device=device).repeat_interleave(w)
+        ids[0, L:, 2] = torch.arange(w, device=device).repeat(h)
+        rope = rope_freqs(ids, self.cfg.axes_dims_rope, self.cfg.rope_theta)  # [1, L + N, 1, head_dim / 2]
+
+        img = self.x_embedder(tokens.to(dtype))  # [B, N, dim]
+        txt = self.context_embedder(cap.to(dtype))  # [B, L, dim]
+        for block in self.transformer_blocks:
+            img, txt = self._run(block, img, txt, rope, mod_img, mod_txt)
+        x = torch.cat([txt, img], dim=1)  # [B, L + N, dim]
+        for block in self.single_transformer_blocks:
+            x = self._run(block, x, rope, mod_single)
+        return x[:, L:], temb
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor,
+                cap_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, in_channels, h, w] the packed latent, sigma [B], cap [B, L, joint_attention_dim] (L = 512 for the
+        source's features), cap_mask unused -> v = eps - x0 [B, in_channels, h, w] fp32."""
+        B, C, H, W = x.shape
+        if C != self.cfg.in_channels:
+            raise ValueError(f"input {tuple(x.shape)}: expected {self.cfg.in_channels} channels")
+        hidden, temb = self.transformer(x.flatten(2).transpose(1, 2), (H, W), sigma, cap, cap_mask)
+        out = self.proj_out(self.norm_out(hidden, temb))  # [B, N, C]
+        return out.transpose(1, 2).unflatten(2, (H, W)).float()
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. L2P head: the pixel model = the Z-Image transformer on p x p RGB patches + a conv U-Net "Detailer Head"
 # ----------------------------------------------------------------------------------------------------------------
 
 # Levels of the head, shallow -> deep: (name suffix, channels at head_width 64). One 2x max-pool per level, so the
@@ -407,7 +671,7 @@ def set_trainable(model: "ZImageDiT", train_blocks: int = 5, strict: bool = Fals
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. VAE (FLUX.1 AutoencoderKL, the autoencoder of Z-Image; module names follow diffusers so its folders load as-is)
+# 5. VAEs: FLUX.1's AutoencoderKL (Z-Image's) and FLUX.2's; module names follow diffusers so folders load as-is
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -577,8 +841,64 @@ class FluxVAE(nn.Module):
         return self.decoder(z.to(self.decoder.conv_in.weight.dtype))
 
 
+@dataclass
+class Flux2VAEConfig:
+    # field names are the keys of diffusers' vae/config.json (AutoencoderKLFlux2)
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 32
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    batch_norm_eps: float = 1e-4
+    patch_size: tuple[int, int] = (2, 2)
+
+    @property
+    def downscale(self) -> int:  # pixels per DiT token side: the VAE's 8x times the latent patch
+        return 2 ** (len(self.block_out_channels) - 1) * self.patch_size[0]
+
+
+class Flux2VAE(nn.Module):
+    """encode: image in [-1, 1] -> the normalised packed latent the DiT sees [B, 4 * latent, H/16, W/16];
+    decode: the inverse (output not clamped)."""
+
+    def __init__(self, cfg: Flux2VAEConfig):
+        super().__init__()
+        if cfg.patch_size[0] != cfg.patch_size[1]:
+            raise ValueError(f"latent patch {cfg.patch_size}: only square patches are supported")
+        self.cfg = cfg
+        c, p = cfg.latent_channels, cfg.patch_size[0]
+        self.encoder = VAEEncoder(cfg)
+        self.decoder = VAEDecoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)
+        self.post_quant_conv = nn.Conv2d(c, c, 1)
+        # only its running_mean / running_var are used, as fixed statistics (never called, so never updated)
+        self.bn = nn.BatchNorm2d(c * p * p, eps=cfg.batch_norm_eps, affine=False)
+
+    @property
+    def downscale(self) -> int:
+        return self.cfg.downscale
+
+    def _latent_std(self) -> torch.Tensor:
+        return (self.bn.running_var + self.cfg.batch_norm_eps).sqrt()[:, None, None]
+
+    def encode(self, img):  # [B, 3, H, W] -> [B, 4 * latent, H/16, W/16]
+        H, W = img.shape[-2:]
+        if H % self.downscale or W % self.downscale:
+            raise ValueError(f"image size {H}x{W} is not a multiple of {self.downscale}; crop or resize it first")
+        # the posterior mean, not a sample, as the source encodes
+        mean = self.quant_conv(self.encoder(img.to(self.quant_conv.weight.dtype)))[:, :self.cfg.latent_channels]
+        z = F.pixel_unshuffle(mean, self.cfg.patch_size[0])  # channel order (c, ph, pw), c slowest
+        return (z - self.bn.running_mean[:, None, None]) / self._latent_std()
+
+    def decode(self, latent):  # [B, 4 * latent, h, w] -> [B, 3, 16h, 16w]
+        z = latent * self._latent_std() + self.bn.running_mean[:, None, None]  # in the caller's precision
+        z = F.pixel_shuffle(z, self.cfg.patch_size[0])  # [B, latent, 2h, 2w]
+        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# 5. Text encoder (Qwen3-4B through transformers; Z-Image reads the second-to-last hidden state)
+# 6. Text encoder (Qwen3-4B through transformers; Z-Image and FLUX.2 read different hidden states)
 # ----------------------------------------------------------------------------------------------------------------
 
 # transformers is imported inside the functions below: it takes seconds to import, and most runs (training on cached
@@ -589,29 +909,49 @@ QWEN3_4B_DEFAULTS = dict(max_position_embeddings=40960, rope_parameters={"rope_t
                          rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
-class TextEncoder:
-    """encode(prompts) -> (cap [B, L, hidden], cap_mask [B, L] bool), L = longest prompt in tokens (<= 512).
+FLUX2_TEXT_LAYERS = (9, 18, 27)  # hidden_states indices FLUX.2 stacks: outputs of decoder layers 8, 17, 26 of 36
 
-    Same features as diffusers' ZImagePipeline._encode_prompt. It pads every prompt to 512 tokens; with right
-    padding and causal attention the real tokens never see the pads, so padding to the longest prompt gives the
-    same rows for a fraction of the compute.
+
+
+class TextEncoder:
+    """encode(prompts) -> (cap [B, L, features], cap_mask [B, L] bool), in one of two recipes:
+
+    zimage: the second-to-last hidden state, L = longest prompt in tokens (<= 512), mask = the real tokens. Same
+      features as diffusers' ZImagePipeline._encode_prompt. It pads every prompt to 512 tokens; with right padding
+      and causal attention the real tokens never see the pads, so padding to the longest prompt gives the same rows
+      for a fraction of the compute.
+    flux2: hidden_states[layers] side by side (3 x 2560 = 7680 features), chat template without thinking, always
+      L = 512 and an all-True mask: the FLUX.2 DiT attends to every position, and a pad's features depend on the
+      prompt (pads attend causally to it), so they are part of the condition. Same as diffusers'
+      Flux2KleinPipeline._get_qwen3_prompt_embeds.
     """
     max_length = 512
 
-    def __init__(self, tokenizer, model: "Qwen3Model"):
-        self.tokenizer, self.model = tokenizer, model
+    def __init__(self, tokenizer, model: "Qwen3Model", family: str = "zimage",
+                 layers: tuple[int, ...] = FLUX2_TEXT_LAYERS):
+        if family not in ("zimage", "flux2"):
+            raise ValueError(f"text recipe {family!r}: expected 'zimage' or 'flux2'")
+        if family == "flux2" and max(layers) > len(model.layers):
+            raise ValueError(f"hidden states {layers} need {max(layers)} decoder layers; the model has "
+                             f"{len(model.layers)}")
+        self.tokenizer, self.model, self.family, self.layers = tokenizer, model, family, tuple(layers)
         self.tokenizer.padding_side = "right"  # real tokens first: the rows the DiT and the reference keep
 
     @torch.no_grad()  # not inference_mode: the features feed DiT training graphs, which must be able to save them
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.model is None:
             raise RuntimeError("this TextEncoder was released; load it again to encode more prompts")
+        flux2 = self.family == "flux2"
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                    add_generation_prompt=True, enable_thinking=True)
+                                                    add_generation_prompt=True, enable_thinking=not flux2)
                  for p in prompts]
-        batch = self.tokenizer(texts, padding="longest", max_length=self.max_length, truncation=True,
-                               return_tensors="pt").to(self.device)
+        batch = self.tokenizer(texts, padding="max_length" if flux2 else "longest", max_length=self.max_length,
+                               truncation=True, return_tensors="pt").to(self.device)
         mask = batch.attention_mask.bool()
+        if flux2:
+            hidden = self.model(input_ids=batch.input_ids, attention_mask=mask, use_cache=False,
+                                output_hidden_states=True).hidden_states
+            return torch.cat([hidden[k] for k in self.layers], dim=-1), torch.ones_like(mask)
         cap = self.model(input_ids=batch.input_ids, attention_mask=mask, use_cache=False).last_hidden_state
         return cap.masked_fill(~mask[..., None], 0), mask
 
@@ -630,7 +970,7 @@ class TextEncoder:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Loading (shared utilities; the per-model loaders sit at the end of this section)
+# 7. Loading (shared utilities; the per-model loaders sit at the end of this section)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -940,14 +1280,201 @@ def open_dit_checkpoint(path, init: Path | None = None) -> DiTCheckpoint:
     return DiTCheckpoint(cfg, layout, [path], strip, comfy)
 
 
-def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16, init: Path | None = None) -> ZImageDiT:
-    """A Z-Image DiT or an L2P pixel model from any layout open_dit_checkpoint reads; forward(x, sigma, cap,
-    cap_mask) -> v either way. Mixed dtypes (the released L2P files mix F32 and bf16) are cast to `dtype`.
-    `init`: for a train.py checkpoint whose init is not where the run recorded it.
+# BFL single-file names -> diffusers names, for the keys that are a plain rename (block keys are handled below)
+BFL_FLUX2_RENAMES = {
+    "img_in.": "x_embedder.",
+    "txt_in.": "context_embedder.",
+    "time_in.in_layer.": "time_guidance_embed.timestep_embedder.linear_1.",
+    "time_in.out_layer.": "time_guidance_embed.timestep_embedder.linear_2.",
+    "double_stream_modulation_img.lin.": "double_stream_modulation_img.linear.",
+    "double_stream_modulation_txt.lin.": "double_stream_modulation_txt.linear.",
+    "single_stream_modulation.lin.": "single_stream_modulation.linear.",
+    "final_layer.linear.": "proj_out.",
+    "final_layer.adaLN_modulation.1.": "norm_out.linear.",
+}
+
+
+BFL_FLUX2_DOUBLE_BLOCK = {  # double_blocks.i.<BFL> -> transformer_blocks.i.<diffusers>
+    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+    "img_attn.proj.weight": "attn.to_out.0.weight",
+    "txt_attn.proj.weight": "attn.to_add_out.weight",
+    "img_mlp.0.weight": "ff.linear_in.weight",
+    "img_mlp.2.weight": "ff.linear_out.weight",
+    "txt_mlp.0.weight": "ff_context.linear_in.weight",
+    "txt_mlp.2.weight": "ff_context.linear_out.weight",
+}
+
+
+BFL_FLUX2_SINGLE_BLOCK = {  # single_blocks.i.<BFL> -> single_transformer_blocks.i.<diffusers>
+    "linear1.weight": "attn.to_qkv_mlp_proj.weight",
+    "linear2.weight": "attn.to_out.weight",
+    "norm.query_norm.scale": "attn.norm_q.weight",
+    "norm.key_norm.scale": "attn.norm_k.weight",
+}
+
+
+BFL_FLUX2_QKV = {"img_attn.qkv.weight": ("to_q", "to_k", "to_v"),
+                 "txt_attn.qkv.weight": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
+
+def flux2_from_bfl(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """BFL single-file (key, tensor) -> diffusers (key, tensor), prefix already stripped: fused qkv split in rows
+    q; k; v, QK-norm `.scale` -> `.weight`, and the final adaLN's halves swapped from [shift; scale] to [scale; shift].
+    Unknown keys pass through unchanged, so assign_weights names them."""
+    for key, tensor in tensors:
+        block, _, index_rest = key.partition(".")
+        index, _, rest = index_rest.partition(".")
+        if block == "double_blocks" and rest in BFL_FLUX2_QKV:
+            for name, part in zip(BFL_FLUX2_QKV[rest], tensor.chunk(3, dim=0)):
+                yield f"transformer_blocks.{index}.attn.{name}.weight", part
+        elif block == "double_blocks" and rest in BFL_FLUX2_DOUBLE_BLOCK:
+            yield f"transformer_blocks.{index}.{BFL_FLUX2_DOUBLE_BLOCK[rest]}", tensor
+        elif block == "single_blocks" and rest in BFL_FLUX2_SINGLE_BLOCK:
+            yield f"single_transformer_blocks.{index}.{BFL_FLUX2_SINGLE_BLOCK[rest]}", tensor
+        else:
+            old = next((old for old in BFL_FLUX2_RENAMES if key.startswith(old)), None)
+            if old is None:
+                yield key, tensor
+                continue
+            if old == "final_layer.adaLN_modulation.1." and not tensor.is_meta:  # shapes alone need no swap, and
+                shift, scale = tensor.chunk(2, dim=0)  # torch.cat on meta imports ~800 modules (75 MB)
+                tensor = torch.cat([scale, shift])
+            yield BFL_FLUX2_RENAMES[old] + key.removeprefix(old), tensor
+
+
+def flux2_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> Flux2Config:
+    """A FLUX.2 config from diffusers-named shapes (map a BFL file's through flux2_from_bfl first). The RoPE split
+    and theta are not in the file: FLUX.2's four equal axes and 2000."""
+    count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix + ".")})
+    dim, in_channels = shapes["x_embedder.weight"]
+    head_dim = shapes["single_transformer_blocks.0.attn.norm_q.weight"][0]
+    return Flux2Config(in_channels=in_channels, num_layers=count("transformer_blocks"),
+                       num_single_layers=count("single_transformer_blocks"), num_attention_heads=dim // head_dim,
+                       attention_head_dim=head_dim, joint_attention_dim=shapes["context_embedder.weight"][1],
+                       timestep_guidance_channels=shapes["time_guidance_embed.timestep_embedder.linear_1.weight"][1],
+                       mlp_ratio=shapes["transformer_blocks.0.ff.linear_out.weight"][1] / dim,
+                       axes_dims_rope=(head_dim // 4,) * 4)
+
+
+def guess_component(keys: Iterable[str]) -> str:
+    """What a set of checkpoint keys looks like, for error messages."""
+    keys = [k.removeprefix(COMFY_PREFIX) for k in keys]
+    has = lambda *parts: any(p in k for k in keys for p in parts)
+    if has("single_stream_modulation."):
+        return "a FLUX.2 transformer"
+    if has("cap_embedder.", "context_refiner.", ".attention.qkv."):
+        return "a Z-Image / L2P transformer"
+    if has("bn.running_mean"):
+        return "FLUX.2's VAE"
+    if has("decoder.mid"):
+        return "a FLUX.1 / Z-Image VAE"
+    if has("embed_tokens."):
+        return "a text encoder"
+    return "an unknown checkpoint"
+
+
+@dataclass
+class Flux2Checkpoint:
+    """A FLUX.2 transformer on disk: its config, its layout, and its tensors under diffusers names."""
+    cfg: Flux2Config
+    layout: str
+    files: list[Path]
+    strip_prefix: str = ""
+    bfl: bool = False
+
+    def tensors(self, meta: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        tensors = read_tensors(self.files, self.strip_prefix, meta=meta)
+        return flux2_from_bfl(tensors) if self.bfl else tensors
+
+
+def open_flux2_checkpoint(path) -> Flux2Checkpoint:
+    """Detect the layout of a FLUX.2 transformer from its config or its keys; reads no tensor data.
+
+    Accepts a FLUX.2 repo root, a diffusers transformer/ folder (one file or shards + index), or a single
+    .safetensors file: BFL names (flux-2-klein-4b.safetensors, optionally prefixed 'model.diffusion_model.') or
+    diffusers names. Single files get their config from the tensor shapes.
     """
-    checkpoint = open_dit_checkpoint(path, init)
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_dir():
+        folder = component_dir(path, "transformer")
+        config_file = folder / "config.json"
+        if not config_file.exists():
+            raise CheckpointError(f"{path} is neither a FLUX.2 repo root (with transformer/) nor a component folder "
+                                  "(config.json + safetensors); pass one of those or a single .safetensors file")
+        raw = json.loads(config_file.read_text())
+        if raw.get("_class_name") != "Flux2Transformer2DModel":
+            raise CheckpointError(f"{config_file} describes a {raw.get('_class_name', 'config without _class_name')}, "
+                                  "not a FLUX.2 transformer (Flux2Transformer2DModel); pass the FLUX.2 repo root or "
+                                  "its transformer/ folder")
+        unsupported = {k: raw[k] for k, ok in (("guidance_embeds", False), ("patch_size", 1)) if raw.get(k, ok) != ok}
+        if raw.get("out_channels") not in (None, raw.get("in_channels", 128)):
+            unsupported["out_channels"] = raw["out_channels"]
+        if unsupported:
+            raise CheckpointError(f"{config_file}: {unsupported} is not FLUX.2 [klein]'s architecture (guidance "
+                                  "embedding off, patch 1, out = in channels); only klein is supported")
+        cfg = config_from_json(Flux2Config, config_file)
+        return Flux2Checkpoint(cfg, "diffusers folder", safetensors_files(folder))
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: expected a folder or a .safetensors file")
+    shapes = safetensors_shapes([path])
+    strip = COMFY_PREFIX if shapes and all(k.startswith(COMFY_PREFIX) for k in shapes) else ""
+    shapes = {k.removeprefix(strip): s for k, s in shapes.items()}
+    bfl = "single_stream_modulation.lin.weight" in shapes
+    layout = ("single file, BFL names" if bfl else "single file, diffusers names") + (
+        f", prefix '{strip}'" if strip else "")
+    if "guidance_in.in_layer.weight" in shapes:
+        raise CheckpointError(f"{path} ({layout}) has a guidance embedder: FLUX.2 [dev], not klein; only klein is "
+                              "supported")
+    names = {k: tuple(t.shape) for k, t in flux2_from_bfl((k, torch.empty(s, device="meta"))
+                                                          for k, s in shapes.items())} if bfl else shapes
+    required = ("x_embedder.weight", "context_embedder.weight", "single_stream_modulation.linear.weight",
+                "transformer_blocks.0.ff.linear_out.weight", "single_transformer_blocks.0.attn.norm_q.weight",
+                "time_guidance_embed.timestep_embedder.linear_1.weight")
+    if not all(k in names for k in required):
+        raise CheckpointError(f"{path} (read as {layout}) is not a FLUX.2 transformer: it looks like "
+                              f"{guess_component(shapes)} ({len(shapes)} keys, first: {list(shapes)[:4]}). Pass "
+                              "flux-2-klein-4b.safetensors, or a FLUX.2 repo root or transformer/ folder")
+    return Flux2Checkpoint(flux2_config_from_shapes(names), layout, [path], strip, bfl)
+
+
+def detect_family(path, init: Path | None = None) -> str:
+    """'flux2' or 'zimage' (also L2P's pixel models), from the transformer's config.json or a single file's keys
+    (a train.py checkpoint's: its init's; `init` as in load_model). Anything unreadable is 'zimage', whose loader
+    then says what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        config_file = component_dir(path, "transformer") / "config.json"
+        name = json.loads(config_file.read_text()).get("_class_name") if config_file.exists() else None
+        return "flux2" if name == "Flux2Transformer2DModel" else "zimage"
+    if path.suffix != ".safetensors" or not path.is_file():
+        return "zimage"
+    trained_from = trained_init_path(path, init)
+    if trained_from is not None:
+        return detect_family(trained_from)
+    keys = (k.removeprefix(COMFY_PREFIX) for k in safetensors_shapes([path]))
+    return "flux2" if any(k.startswith("single_stream_modulation.") for k in keys) else "zimage"
+
+
+def open_checkpoint(path, init: Path | None = None) -> "DiTCheckpoint | Flux2Checkpoint":
+    """A DiT checkpoint of either family (detect_family), its layout detected; reads no tensor data."""
+    return open_flux2_checkpoint(path) if detect_family(path, init) == "flux2" else open_dit_checkpoint(path, init)
+
+
+def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16, init: Path | None = None
+               ) -> "ZImageDiT | Flux2DiT":
+    """A Z-Image DiT, an L2P pixel model or a FLUX.2 DiT from any layout open_checkpoint reads, built on the meta
+    device and filled tensor by tensor (peak memory ~ the model once); forward(x, sigma, cap, cap_mask) -> v in every
+    case. Mixed dtypes (the released L2P files mix F32 and bf16) are cast to `dtype`. `init`: for a train.py
+    checkpoint whose init is not where the run recorded it.
+    """
+    checkpoint = open_checkpoint(path, init)
     with torch.device("meta"):
-        model = ZImageDiT(checkpoint.cfg)
+        model = (Flux2DiT if isinstance(checkpoint.cfg, Flux2Config) else ZImageDiT)(checkpoint.cfg)
     return assign_weights(model, checkpoint.tensors(), checkpoint.layout, device=device, dtype=dtype).eval()
 
 
@@ -1006,15 +1533,20 @@ def flux_vae_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> FluxVAECo
                                                if k.startswith("encoder.down_blocks.0.resnets.")}))
 
 
-def load_vae(path, device="cpu", dtype=torch.float32, config: FluxVAEConfig | None = None) -> FluxVAE:
-    """Load from a repo root (with vae/), a diffusers vae folder (sharded or not), or one .safetensors file in
-    diffusers or LDM (FLUX.1 ae.safetensors) names, optionally prefixed 'first_stage_model.' or 'vae.'.
+def load_vae(path, device="cpu", dtype=torch.float32, config=None) -> "FluxVAE | Flux2VAE":
+    """FLUX.1's autoencoder (Z-Image's) or FLUX.2's (its config.json class, or a single file's bn statistics, tell
+    them apart), from a repo root (with vae/), a diffusers vae folder (sharded or not), or one .safetensors file in
+    diffusers or LDM / BFL (ae.safetensors) names, optionally prefixed 'first_stage_model.' or 'vae.'.
 
     config: by default the folder's config.json; a single file's architecture is read from its shapes.
     """
     path = component_dir(path, "vae")
     if not (path.is_dir() or path.suffix == ".safetensors" and path.exists()):
         raise CheckpointError(f"{path}: expected a repo root, a vae folder or an existing .safetensors file")
+    config_file = path / "config.json"
+    if (json.loads(config_file.read_text()).get("_class_name") == "AutoencoderKLFlux2" if config_file.exists() else
+            path.is_file() and any(k.endswith("bn.running_mean") for k in safetensors_shapes([path]))):
+        return load_flux2_vae(path, device, dtype, config)
     files = safetensors_files(path) if path.is_dir() else [path]
     naming, prefix = vae_naming(safetensors_shapes(files))
     layout = f"{'folder' if path.is_dir() else 'single file'}, {naming} names"
@@ -1030,6 +1562,62 @@ def load_vae(path, device="cpu", dtype=torch.float32, config: FluxVAEConfig | No
                   flux_vae_config_from_shapes({k: tuple(t.shape) for k, t in shapes.items()}))
     with torch.device("meta"):
         vae = FluxVAE(config)
+    return assign_weights(vae, tensors, layout, device=device, dtype=dtype).eval()
+
+
+def flux2_vae_from_bfl(items: Iterable[tuple[str, torch.Tensor]], levels: int = 4
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """BFL ae.safetensors (key, tensor) -> ours: FLUX.1's LDM names, plus the 1x1 convs BFL keeps inside the
+    encoder and decoder (encoder.quant_conv, decoder.post_quant_conv), which diffusers keeps at the top."""
+    for key, tensor in flux_vae_from_ldm(items, levels):
+        if key.startswith(("encoder.quant_conv.", "decoder.post_quant_conv.")):
+            key = key.partition(".")[2]
+        yield key, tensor
+
+
+def load_flux2_vae(path, device="cpu", dtype=torch.float32, config: Flux2VAEConfig | None = None) -> Flux2VAE:
+    """FLUX.2's VAE from a repo root (with vae/), its diffusers vae/ folder (config.json + one file or shards), or
+    BFL's single ae.safetensors (optionally prefixed 'first_stage_model.' or 'vae.').
+
+    config: a single file's architecture when it is not FLUX.2's (default Flux2VAEConfig()); a folder's is read
+    from its config.json. bn.num_batches_tracked is not read (a count of training batches, unused).
+    """
+    path = component_dir(path, "vae")
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.exists():
+            raise CheckpointError(f"{path} has no config.json: pass the FLUX.2 repo root, its vae/ folder, or BFL's "
+                                  "ae.safetensors")
+        raw = json.loads(config_file.read_text())
+        if raw.get("_class_name") != "AutoencoderKLFlux2":
+            raise CheckpointError(f"{config_file} describes a {raw.get('_class_name', 'config without _class_name')},"
+                                  " not FLUX.2's AutoencoderKLFlux2")
+        unsupported = {k: raw[k] for k, ok in (("use_quant_conv", True), ("use_post_quant_conv", True),
+                                               ("mid_block_add_attention", True), ("act_fn", "silu"))
+                       if raw.get(k, ok) != ok}
+        if raw.get("decoder_block_out_channels") not in (None, raw.get("block_out_channels")):
+            unsupported["decoder_block_out_channels"] = raw["decoder_block_out_channels"]
+        if unsupported:
+            raise CheckpointError(f"{config_file}: {unsupported} is not an architecture this VAE implements")
+        config, files = config_from_json(Flux2VAEConfig, config_file), safetensors_files(path)
+    elif path.suffix == ".safetensors" and path.is_file():
+        config, files = config or Flux2VAEConfig(), [path]
+    else:
+        raise CheckpointError(f"{path}: expected a repo root, a vae folder or an existing .safetensors file")
+    shapes = safetensors_shapes(files)
+    naming, prefix = vae_naming(shapes)
+    layout = f"{'folder' if path.is_dir() else 'single file'}, {'diffusers' if naming == 'diffusers' else 'BFL'} names"
+    layout += f", prefix '{prefix}'" if prefix else ""
+    if f"{prefix}bn.running_mean" not in shapes:
+        raise CheckpointError(f"{path} ({layout}) has no bn.running_mean: it looks like {guess_component(shapes)}, "
+                              "not FLUX.2's VAE")
+    with torch.device("meta"):
+        vae = Flux2VAE(config)
+    tensors = read_tensors(files, strip_prefix=prefix)
+    if naming == "LDM":
+        tensors = flux2_vae_from_bfl(tensors, levels=len(config.block_out_channels))
+    tensors = chain(((k, t) for k, t in tensors if k != "bn.num_batches_tracked"),
+                    [("bn.num_batches_tracked", torch.tensor(0))])
     return assign_weights(vae, tensors, layout, device=device, dtype=dtype).eval()
 
 
@@ -1050,20 +1638,30 @@ def qwen3_config_from_shapes(shapes: dict[str, tuple]) -> "Qwen3Config":
                        intermediate_size=shapes["layers.0.mlp.gate_proj.weight"][0], **QWEN3_4B_DEFAULTS)
 
 
-def qwen3_from_tensors(config: "Qwen3Config", tensors, device="cpu", dtype=torch.bfloat16) -> "Qwen3Model":
-    """A Qwen3Model that returns hidden_states[-2] as its last_hidden_state, filled from published `model.*` keys.
+def qwen3_from_tensors(config: "Qwen3Config", tensors, device="cpu", dtype=torch.bfloat16,
+                       n_layers: int | None = None) -> "Qwen3Model":
+    """A Qwen3Model of the first `n_layers` decoder layers (default: all but the last, for Z-Image), filled from
+    published `model.*` keys.
 
-    Only that output is ever used, so the last decoder layer and the final norm are dropped (1/36 of the compute
-    and of the memory): the remaining layers' output is exactly hidden_states[-2] of the full model.
+    Its hidden_states[k], k <= n_layers, are the full model's: only the full model's last hidden state goes through
+    the final norm, so the norm is kept only when every layer is. Z-Image reads hidden_states[-2], which is then
+    the truncated model's last_hidden_state; FLUX.2 reads up to hidden_states[27] of 36 (1/4 of the compute and
+    memory saved).
     """
     from transformers import Qwen3Model
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
+    total = config.num_hidden_layers
+    n_layers = total - 1 if n_layers is None else n_layers
+    if not 1 <= n_layers <= total:
+        raise ValueError(f"{n_layers} decoder layers requested; this Qwen3 has {total}")
     with torch.device("meta"):
         model = Qwen3Model(config)
-    last = config.num_hidden_layers - 1
-    model.layers, model.norm = model.layers[:last], nn.Identity()
-    unused = ("lm_head.", f"layers.{last}.", "norm.")  # lm_head is tied to embed_tokens when a file carries it
+    model.layers = model.layers[:n_layers]
+    unused = ("lm_head.", *(f"layers.{i}." for i in range(n_layers, total)))  # lm_head is tied to embed_tokens
+    if n_layers < total:
+        model.norm = nn.Identity()
+        unused += ("norm.",)
     renamed = ((k.removeprefix("model."), t) for k, t in tensors)
     kept = ((k, t) for k, t in renamed if not k.startswith(unused))
     assign_weights(model, kept, "Qwen3 text encoder (model.*)", device=device, dtype=dtype)
@@ -1082,15 +1680,32 @@ def _tokenizer_folder(given, *fallbacks) -> Path:
                           "pass tokenizer=<the Z-Image tokenizer/ folder>")
 
 
-def load_text_encoder(path, device="cpu", dtype=torch.bfloat16, tokenizer=None) -> TextEncoder:
-    """Load from a Z-Image repo root, its text_encoder/ folder, or a single qwen_3_4b.safetensors file.
+def pipeline_family(path) -> str:
+    """'flux2' when the repo's model_index.json (at `path`, or beside the component folder or file) names
+    Flux2KleinPipeline; else 'zimage'."""
+    path = Path(path)
+    for folder in (path, path.parent):
+        index = folder / "model_index.json"
+        if folder.is_dir() and index.exists():
+            return "flux2" if json.loads(index.read_text()).get("_class_name") == "Flux2KleinPipeline" else "zimage"
+    return "zimage"
 
+
+def load_text_encoder(path, device="cpu", dtype=torch.bfloat16, tokenizer=None, family: str | None = None,
+                      layers: tuple[int, ...] = FLUX2_TEXT_LAYERS) -> TextEncoder:
+    """Load from a Z-Image or FLUX.2 [klein] repo root, its text_encoder/ folder, or a single qwen_3_4b.safetensors
+    file.
+
+    family: the feature recipe, 'zimage' or 'flux2' (see TextEncoder); by default the repo's model_index.json
+    decides, and Z-Image's when there is none. layers: the hidden states the flux2 recipe stacks (tiny test models
+    need smaller indices); only the decoder layers they need are loaded.
     The tokenizer comes from `tokenizer` (a folder) if given, else the repo's tokenizer/ folder (a sibling of
     text_encoder/ or of the single file), else the text_encoder folder itself.
     """
     from transformers import AutoTokenizer, Qwen3Config
 
     path = Path(path)
+    family = family or pipeline_family(path)
     if path.is_file():
         config = qwen3_config_from_shapes(safetensors_shapes([path]))
         files, tok_folder = [path], _tokenizer_folder(tokenizer, path.parent / "tokenizer")
@@ -1098,23 +1713,24 @@ def load_text_encoder(path, device="cpu", dtype=torch.bfloat16, tokenizer=None) 
         path = component_dir(path, "text_encoder")
         if not (path / "config.json").exists():
             raise CheckpointError(f"{path} holds neither text_encoder/ nor config.json (found "
-                                  f"{sorted(p.name for p in path.iterdir())[:8]}); pass the Z-Image repo root, "
+                                  f"{sorted(p.name for p in path.iterdir())[:8]}); pass the repo root, "
                                   "its text_encoder/ folder or a qwen_3_4b.safetensors file")
         raw = json.loads((path / "config.json").read_text())
         if raw.get("model_type") != "qwen3":
             kind = raw.get("_class_name") or raw.get("model_type") or "unknown"
             raise CheckpointError(f"{path} is not a Qwen3 text encoder: found {kind} config with keys "
-                                  f"{sorted(raw)[:8]}; pass the Z-Image repo root or its text_encoder/ folder")
+                                  f"{sorted(raw)[:8]}; pass the repo root or its text_encoder/ folder")
         config = Qwen3Config.from_pretrained(path, local_files_only=True)
         files, tok_folder = safetensors_files(path), _tokenizer_folder(tokenizer, path.parent / "tokenizer", path)
     else:
         raise CheckpointError(f"{path} does not exist")
-    model = qwen3_from_tensors(config, read_tensors(files), device=device, dtype=dtype)
-    return TextEncoder(AutoTokenizer.from_pretrained(tok_folder, local_files_only=True), model)
+    n_layers = max(layers) if family == "flux2" else None
+    model = qwen3_from_tensors(config, read_tensors(files), device=device, dtype=dtype, n_layers=n_layers)
+    return TextEncoder(AutoTokenizer.from_pretrained(tok_folder, local_files_only=True), model, family, layers)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. Sampling
+# 8. Sampling
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -1178,22 +1794,23 @@ def sample(model: nn.Module, noise: torch.Tensor, cap: torch.Tensor, cap_mask: t
 
 
 @torch.no_grad()
-def generate(model: ZImageDiT, cap: torch.Tensor, cap_mask: torch.Tensor, seeds: list[int], height: int, width: int,
-             steps: int, shift: float, guidance: float = 1.0, neg_cap: torch.Tensor | None = None,
-             neg_mask: torch.Tensor | None = None, vae: "FluxVAE | None" = None, cfg_batch: bool = True,
+def generate(model: "ZImageDiT | Flux2DiT", cap: torch.Tensor, cap_mask: torch.Tensor, seeds: list[int], height: int,
+             width: int, steps: int, shift: float, guidance: float = 1.0, neg_cap: torch.Tensor | None = None,
+             neg_mask: torch.Tensor | None = None, vae: "FluxVAE | Flux2VAE | None" = None, cfg_batch: bool = True,
              progress: bool = False) -> torch.Tensor:
     """Prompt features -> images [B, 3, height, width] in [-1, 1] (fp32, unclamped), one seed per image.
 
-    A latent model (the Z-Image source) needs its `vae`: noise is drawn in latent space [16, H/8, W/8] and the
-    result decoded; the L2P pixel model draws its noise in pixels and needs no VAE.
+    A latent model (Z-Image, FLUX.2) needs its `vae`: noise is drawn in its latent space [in_channels, H/d, W/d],
+    d = vae.downscale (8 for FLUX.1's VAE, 16 for FLUX.2's, patchify included), and the result decoded; the L2P
+    pixel model draws its noise in pixels and needs no VAE.
     """
-    scale = 1 if model.cfg.pixel_head else 8
     if model.cfg.pixel_head == (vae is not None):
         raise ValueError("a latent model needs its VAE to make images; a pixel model takes none")
+    scale = 1 if vae is None else vae.downscale
     multiple = scale * model.cfg.patch_size
     if height % multiple or width % multiple:
         raise ValueError(f"{width}x{height}: width and height must be multiples of {multiple} for this model "
-                         f"({'pixel patch' if scale == 1 else 'VAE x8 times latent patch'} {multiple})")
+                         f"({'pixel patch' if scale == 1 else f'VAE x{scale} times latent patch'} {multiple})")
     device = next(model.parameters()).device
     noise = noise_for_seeds(seeds, (model.cfg.in_channels, height // scale, width // scale), device)
     x = sample(model, noise, cap.to(device), cap_mask.to(device), steps, shift, guidance,
@@ -1205,19 +1822,55 @@ def generate(model: ZImageDiT, cap: torch.Tensor, cap_mask: torch.Tensor, seeds:
     return vae.decode(x.to(vae_dtype)).float()
 
 
-def source_sampler_settings(repo) -> dict:
-    """The source LDM's own sampler, from <repo>/scheduler/scheduler_config.json: Z-Image-Turbo (shift 3): 8 steps,
-    CFG off; Z-Image base (shift 6): 50 steps, CFG w = 4, i.e. guidance = 1 + w. Returns steps, shift, guidance."""
+def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's resolution- and step-dependent time shift mu (sigma grid: shifted_sigmas(steps, exp(mu))).
+
+    mu is linear in the token count, along two fitted lines for 10 and 200 steps; past 4300 tokens the 200-step
+    line alone, below it the step count interpolates (and extrapolates) between the two.
+    """
+    mu_200 = 1.6927e-4 * image_seq_len + 0.45666666
+    if image_seq_len > 4300:
+        return float(mu_200)
+    mu_10 = 8.73809524e-5 * image_seq_len + 1.89833333
+    return float(mu_10 + (mu_200 - mu_10) * (num_steps - 10) / 190)
+
+
+def flux2_sampler_settings(repo, height: int, width: int, steps: int | None = None,
+                           distilled: bool | None = None) -> dict:
+    """FLUX.2 [klein]'s own sampler for a height x width image: steps, shift, guidance (for sample / generate).
+
+    distilled (default: <repo>/model_index.json's is_distilled): klein-4B, 4 steps, CFG off; klein-base-4B:
+    50 steps, guidance 4.0 as v = v_neg + 4 (v_pos - v_neg), the negative prompt "". shift = exp(mu) for the
+    image's token count (16 x 16 pixels per token, or the repo's vae/config.json's downscale) and the step count.
+    """
+    if distilled is None:
+        index = Path(repo) / "model_index.json"
+        if not index.exists():
+            raise CheckpointError(f"{repo} has no model_index.json: pass the FLUX.2 [klein] repo root, or distilled=")
+        distilled = bool(json.loads(index.read_text()).get("is_distilled", False))
+    steps = steps or (4 if distilled else 50)
+    vae_config = Path(repo) / "vae" / "config.json"
+    d = config_from_json(Flux2VAEConfig, vae_config).downscale if vae_config.exists() else Flux2VAEConfig().downscale
+    mu = compute_empirical_mu((height // d) * (width // d), steps)
+    return {"steps": steps, "shift": math.exp(mu), "guidance": 1.0 if distilled else 4.0}
+
+
+def source_sampler_settings(repo, height: int = 1024, width: int = 1024, steps: int | None = None) -> dict:
+    """The source LDM's own sampler (steps, shift, guidance as in sample()) for a height x width image. Z-Image, from
+    its scheduler_config.json: Turbo (shift 3) 8 steps, CFG off; base (shift 6) 50 steps, CFG w = 4, i.e. guidance
+    1 + w. FLUX.2 [klein], from model_index.json: see flux2_sampler_settings."""
+    if pipeline_family(repo) == "flux2":
+        return flux2_sampler_settings(repo, height, width, steps)
     config = Path(repo) / "scheduler" / "scheduler_config.json"
     if not config.exists():
         raise CheckpointError(f"{repo} has no scheduler/scheduler_config.json: pass the Z-Image repo root")
     shift = float(json.loads(config.read_text()).get("shift", 3.0))
     turbo = shift <= 3.0
-    return {"steps": 8 if turbo else 50, "shift": shift, "guidance": 1.0 if turbo else 5.0}
+    return {"steps": steps or (8 if turbo else 50), "shift": shift, "guidance": 1.0 if turbo else 5.0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 8. I/O and processes: what several scripts share
+# 9. I/O and processes: what several scripts share
 # ----------------------------------------------------------------------------------------------------------------
 
 

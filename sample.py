@@ -1,5 +1,5 @@
 """
-Sample images from an L2P pixel model, from 1K up to native 4K, and optionally from its latent source beside it.
+Sample images from an L2P pixel model, from 1K up to native 4K, and optionally from a latent source beside it.
 
     python sample.py --ckpt l2p-1k.safetensors --text-encoder Z-Image-Turbo/ --prompt "a red fox in fresh snow"
     python sample.py --ckpt l2p-4k.safetensors --text-encoder Z-Image/ --prompts prompts.txt --res 4096
@@ -28,7 +28,7 @@ def parse_args(argv=None):
                                        "merged), or a released L2P 1K / 4K file")
     parser.add_argument("--init", help="for a train.py checkpoint whose init is no longer where the run recorded it "
                                        "(a run folder moved alone): the convert.py output the run started from")
-    parser.add_argument("--text-encoder", help="Z-Image repo root or its text_encoder/ folder (the Qwen3 prompt "
+    parser.add_argument("--text-encoder", help="the source repo root or its text_encoder/ folder (the Qwen3 prompt "
                                                "encoder); defaults to the --latent repo when that is given")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
     parser.add_argument("--prompts", help="a text file with one prompt per line")
@@ -50,11 +50,14 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="samples", help="output folder, or a .png file for a single image")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="DiT precision; default bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--latent", help="Z-Image repo: also sample the same prompts and seeds with the source LDM "
-                                         "(latent sampling + VAE decode) at the same size, and write side-by-sides")
-    parser.add_argument("--latent-steps", type=int, help="source sampler steps (default: Turbo 8, base 50)")
+    parser.add_argument("--latent", help="a source repo (Z-Image, or FLUX.2 [klein]): also sample the same prompts and "
+                                         "seeds with the latent source (its own sampler + VAE decode) at the same "
+                                         "size, and write side-by-sides")
+    parser.add_argument("--latent-steps", type=int, help="source sampler steps (default: Z-Image-Turbo 8, base 50; "
+                                                         "klein 4, klein-base 50)")
     parser.add_argument("--latent-cfg", type=float,
-                        help="source CFG in Z-Image's convention pos + w (pos - neg) (default: Turbo 0, base 4)")
+                        help="source CFG w in Z-Image's convention pos + w (pos - neg) (default: Turbo 0, base 4; "
+                             "klein 0, klein-base 3, i.e. FLUX.2's guidance 4.0)")
     args = parser.parse_args(argv)
     for name in ("res", "width", "height", "steps", "num_images", "batch_size", "latent_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -136,19 +139,19 @@ def main(argv=None):
     prompts = read_prompts(args)
     torch.set_flush_denormal(True)  # CPU: subnormal floats are many times slower (a toy training step: 1 s vs 0.2 s)
     if args.ckpt is None and args.latent is None:
-        raise SystemExit("nothing to sample: pass --ckpt <L2P checkpoint> (and/or --latent <Z-Image repo>)")
+        raise SystemExit("nothing to sample: pass --ckpt <L2P checkpoint> (and/or --latent <source repo>)")
     text_encoder = args.text_encoder or args.latent
     if text_encoder is None:
-        raise SystemExit("sample.py needs the Qwen3 text encoder: pass --text-encoder <Z-Image repo or its "
+        raise SystemExit("sample.py needs the Qwen3 text encoder: pass --text-encoder <the source repo or its "
                          "text_encoder/ folder>")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if "cuda" in args.device else "fp32")]
 
     patch = 16
     if args.ckpt:
-        checkpoint = model.open_dit_checkpoint(args.ckpt, args.init)
+        checkpoint = model.open_checkpoint(args.ckpt, args.init)
         if not checkpoint.cfg.pixel_head:
-            raise SystemExit(f"--ckpt {args.ckpt} is a latent Z-Image transformer ({checkpoint.layout}), not an L2P "
-                             "pixel model: make one with convert.py, or sample the source with --latent <repo>")
+            raise SystemExit(f"--ckpt {args.ckpt} is a latent transformer ({checkpoint.layout}), not an L2P pixel "
+                             "model: make one with convert.py, or sample the source with --latent <repo>")
         patch = checkpoint.cfg.patch_size
     width, height, steps, cfg = resolve_settings(args, patch)
     jobs = [(i, args.seed + k) for i in range(len(prompts)) for k in range(args.num_images)]
@@ -166,14 +169,14 @@ def main(argv=None):
         del dit
         for (i, seed), pixels in results["l2p"].items():
             model.save_png(output_path(out, i, seed, single), pixels,
-                     {"prompt": prompts[i], "negative_prompt": args.negative_prompt, "seed": seed, "steps": steps,
+                           {"prompt": prompts[i], "negative_prompt": args.negative_prompt, "seed": seed, "steps": steps,
                       "cfg": cfg, "shift": args.shift, "checkpoint": Path(args.ckpt).name, "model": "l2p"})
     if args.latent:
-        source = model.source_sampler_settings(args.latent)
-        latent_steps = args.latent_steps or source["steps"]
-        latent_guidance = 1 + args.latent_cfg if args.latent_cfg is not None else source["guidance"]
         if width % 16 or height % 16:
             raise SystemExit(f"{width}x{height}: the latent source needs multiples of 16 (VAE x8, latent patch 2)")
+        source = model.source_sampler_settings(args.latent, height, width, args.latent_steps)
+        latent_steps = source["steps"]
+        latent_guidance = 1 + args.latent_cfg if args.latent_cfg is not None else source["guidance"]
         dit = model.load_model(args.latent, device=args.device, dtype=dtype)
         vae = model.load_vae(args.latent, device=args.device)
         results["latent"] = run(dit, features, negative, jobs, (height, width), latent_steps, latent_guidance,

@@ -1,10 +1,11 @@
 """
-Generate L2P's training corpus: images of the source latent model (Z-Image) for a list of prompts, plus the prompts'
-text features, cached so that training never has to load the 4B text encoder.
+Generate L2P's training corpus: images of the source latent model (Z-Image, or FLUX.2 [klein]) for a list of prompts,
+plus the prompts' text features, cached so that training never has to load the 4B text encoder.
 
     python synth.py --src Z-Image-Turbo/ --prompts builtin:10000 --out data/zimage-turbo-20k        # the paper's corpus
     torchrun --nproc_per_node=8 synth.py --src Z-Image-Turbo/ --prompts builtin:10000 --out data/zimage-turbo-20k
     python synth.py --src Z-Image/ --prompts my_prompts.csv --out data/zimage-base --res 768         # base model, CFG
+    python synth.py --src FLUX.2-klein-base-4B/ --prompts builtin:10000 --out data/klein-base-20k   # the MMDiT source
 
 L2P trains only on images its source generates (paper: 10k prompts x 2 seeds = 20k images at 1024^2): they lie on the
 manifold the kept backbone already models, which is why the transfer converges fast (source-LDM data beats real
@@ -174,8 +175,8 @@ CORPUS_KEYS = ("source", "prompts_sha256", "num_prompts", "seeds", "seed", "widt
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", required=True,
-                        help="the source Z-Image repo root (transformer/, text_encoder/, tokenizer/, vae/, scheduler/), "
-                             "e.g. a download of Tongyi-MAI/Z-Image-Turbo")
+                        help="the source repo root (transformer/, text_encoder/, tokenizer/, vae/, scheduler/), e.g. a "
+                             "download of Tongyi-MAI/Z-Image-Turbo or black-forest-labs/FLUX.2-klein-base-4B")
     parser.add_argument("--prompts", required=True,
                         help="builtin:N (N prompts composed over the paper's 4 super-classes / 17 sub-classes; "
                              "builtin:10000 is the paper's count), a text file with one prompt per line (blank lines "
@@ -189,14 +190,15 @@ def parse_args(argv=None):
     parser.add_argument("--width", type=int, help="image width, overrides --res (a multiple of 16)")
     parser.add_argument("--height", type=int, help="image height, overrides --res (a multiple of 16)")
     parser.add_argument("--steps", type=int,
-                        help="Euler steps. Default from the source, decided by its scheduler shift: shift 3 "
-                             "(Z-Image-Turbo) -> 8, any other (Z-Image base, 6) -> 50")
+                        help="Euler steps. Default from the source: Z-Image-Turbo (scheduler shift 3) 8, Z-Image base 50; "
+                             "klein (model_index.json is_distilled) 4, klein-base 50")
     parser.add_argument("--cfg", type=float,
                         help="classifier-free guidance w in Z-Image's convention pos + w * (pos - neg) with the "
                              "empty negative prompt (guidance 1 + w); 0 = off. Default from the source, like "
-                             "--steps: Turbo -> 0, base -> 4")
+                             "--steps: Turbo 0, Z-Image base 4, klein 0, klein-base 3 (FLUX.2's guidance 4.0)")
     parser.add_argument("--shift", type=float,
-                        help="sigma shift of the sampler; default: the source's scheduler/scheduler_config.json")
+                        help="sigma shift of the sampler; default: Z-Image's scheduler_config.json shift, or FLUX.2's "
+                             "exp(mu) for the image's token count and the steps")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="images per DiT batch. 1 (default) keeps every image bit-identical whatever the batching, "
                              "rank count or resume point; at 1024^2 one image is already a 4096-token DiT pass. Larger "
@@ -213,26 +215,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def check_source(src: Path) -> tuple[float, int]:
-    """(scheduler shift, caption feature width) of a Z-Image repo root, reading only configs and headers."""
+def check_source(src: Path) -> int:
+    """The caption feature width of a source repo root (Z-Image or FLUX.2 [klein]), reading only configs and headers."""
     if not src.is_dir():
-        raise SystemExit(f"--src {src}: not a folder; pass a Z-Image repo root such as a download of "
-                         "Tongyi-MAI/Z-Image-Turbo")
-    missing = [f"{name}/" for name in ("transformer", "text_encoder", "vae", "scheduler") if not (src / name).is_dir()]
+        raise SystemExit(f"--src {src}: not a folder; pass a source repo root such as a download of "
+                         "Tongyi-MAI/Z-Image-Turbo or black-forest-labs/FLUX.2-klein-base-4B")
+    missing = [f"{name}/" for name in ("transformer", "text_encoder", "vae") if not (src / name).is_dir()]
     if missing:
-        raise SystemExit(f"--src {src} is not a Z-Image repo: it has no {', '.join(missing)}. Pass the repo root that "
+        raise SystemExit(f"--src {src} is not a source repo: it has no {', '.join(missing)}. Pass the repo root that "
                          "holds transformer/, text_encoder/, tokenizer/, vae/ and scheduler/ (the published layout)")
     try:
-        checkpoint = model.open_dit_checkpoint(src)
-        model.vae_naming(model.safetensors_shapes(model.safetensors_files(src / "vae")))
-        scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
+        cfg = model.open_checkpoint(src).cfg
+        model.safetensors_shapes(model.safetensors_files(src / "vae"))
     except (model.CheckpointError, OSError, json.JSONDecodeError) as e:
         raise SystemExit(f"--src {src}: {e}") from None
-    if checkpoint.cfg.pixel_head:
+    if cfg.pixel_head:
         raise SystemExit(f"--src {src} is an L2P pixel model; synth.py generates with the latent source model")
-    if "shift" not in scheduler:
-        raise SystemExit(f"--src {src}: scheduler/scheduler_config.json has no shift; pass --shift")
-    return float(scheduler["shift"]), checkpoint.cfg.cap_feat_dim
+    return cfg.cap_feat_dim
 
 
 def resolve_settings(args, device: torch.device) -> tuple[dict, list[str], int]:
@@ -248,14 +247,17 @@ def resolve_settings(args, device: torch.device) -> tuple[dict, list[str], int]:
     if args.shift is not None and args.shift <= 0:
         raise SystemExit(f"--shift {args.shift}: must be positive (Z-Image-Turbo uses 3, Z-Image 6)")
     src = Path(args.src).resolve()
-    source_shift, cap_dim = check_source(src)
+    cap_dim = check_source(src)
     prompts = read_prompts(args.prompts)
-    preset = model.source_sampler_settings(src)  # Turbo (shift 3): 8 steps, no CFG; base (shift 6): 50, w = 4
+    try:  # Z-Image-Turbo (shift 3): 8 steps, no CFG; base (shift 6): 50, w = 4; FLUX.2 klein-base: 50, w = 3
+        preset = model.source_sampler_settings(src, height, width, args.steps)
+    except (model.CheckpointError, OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--src {src}: {e}") from None
     settings = dict(source=src.name, prompts_sha256=hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
                     num_prompts=len(prompts), seeds=args.seeds, seed=args.seed, width=width, height=height,
                     steps=args.steps or preset["steps"],
                     cfg=float(preset["guidance"] - 1 if args.cfg is None else args.cfg),
-                    shift=float(args.shift or source_shift),
+                    shift=float(args.shift or preset["shift"]),
                     dtype="bf16" if args.dtype == "bf16" or args.dtype == "auto" and device.type == "cuda" else "fp32")
     return settings, prompts, cap_dim
 

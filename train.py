@@ -535,9 +535,9 @@ def lr_scale(name: str, params: dict[str, torch.Tensor], head_fan_in: int) -> fl
 
 def l2p_config_of(path) -> model.ZImageConfig:
     """The config of an L2P checkpoint (headers only); a latent Z-Image checkpoint is refused."""
-    cfg = model.open_dit_checkpoint(path).cfg
+    cfg = model.open_checkpoint(path).cfg
     if not cfg.pixel_head:
-        raise SystemExit(f"--init {path} is a latent Z-Image checkpoint; make the L2P init with "
+        raise SystemExit(f"--init {path} is a latent source checkpoint; make the L2P init with "
                          "`python convert.py --src <Z-Image> --out l2p-init.safetensors` first")
     return cfg
 

@@ -8,13 +8,15 @@ source (the paper's "4K and beyond": -97.67% time per step, -38.81% peak memory 
 Sections (each prints a markdown table; everything lands in one JSON file, --out)
   1. DiT       forward and forward+backward time of model.ZImageDiT, diffusers' ZImageTransformer2DModel and
                DiffSynth's Z-Image DiT on one config and literally the same weights (the three modules share one
-               set of Parameter objects); runs interleaved A B C A B C ..., medians, ratio ours / theirs
+               set of Parameter objects); runs interleaved A B C A B C ..., medians, ratio ours / theirs. The same
+               for model.Flux2DiT against diffusers' Flux2Transformer2DModel (FLUX.2 [klein]'s layout)
   2. Sampling  time per denoising step and peak memory of L2P (64x64 tokens at every size: patch 16 / 32 / 64 at
                1K / 2K / 4K) against the source LDM at the same output size (VAE x8 + patch 2: 4,096 / 16,384 /
                65,536 tokens) plus its VAE decode; batch 1, no CFG batch (on CUDA the 4K decode runs in 4 row bands:
                its 256 x 4096^2 activations are past what CUDA kernels index with 32 bits)
-  3. Training  images/s, peak memory and model FLOP utilisation of one L2P train step at 1024^2 (set_trainable's
-               default policy, gradient checkpointing, AdamW on the trainable parameters, MSE on v)
+  3. Training  train.py's own step at 1024^2, in standard and low-memory mode (run through train.main on random
+               weights and data): images/s, model FLOP utilisation, peak GPU memory against train.py's plan, peak
+               host memory
 
 Sizes: real = the published Z-Image (dim 3840, 30 layers); small and tiny scale widths, depths, caption lengths and
 output sizes down and keep the ratios that decide the comparisons (see SIZES and the notes printed with each table).
@@ -95,6 +97,15 @@ class BenchSize:
         return model.ZImageConfig(dim=self.dim, n_heads=self.n_heads, n_layers=n_layers or self.n_layers,
                                   n_refiner_layers=self.n_refiner_layers, cap_feat_dim=self.cap_feat_dim,
                                   axes_dims=self.axes_dims)
+
+    def flux2_config(self) -> model.Flux2Config:
+        """FLUX.2 [klein] at this size: 1 double-stream block per 4 single-stream (klein: 5 + 20), heads of 128."""
+        singles = max(1, self.dit_layers * 2 // 3)
+        return model.Flux2Config(num_layers=max(1, singles // 4), num_single_layers=singles,
+                                 num_attention_heads=self.dim // 128 if self.dim >= 128 else 2,
+                                 attention_head_dim=128 if self.dim >= 128 else self.dim // 2,
+                                 joint_attention_dim=3 * self.cap_feat_dim,
+                                 axes_dims_rope=((32,) if self.dim >= 128 else (self.dim // 8,)) * 4)
 
     def l2p_config(self, patch: int) -> model.ZImageConfig:
         return model.l2p_config(self.dit_config(), patch, head_width=64 // self.width_divisor)
@@ -443,11 +454,43 @@ def dit_runners(ours: nn.Module, cfg: model.ZImageConfig, dtype: torch.dtype, de
     return runners, errors
 
 
-def bench_dit(size: BenchSize, device: str, dtype: torch.dtype, batch: int, compare_model: str | None = None) -> dict:
-    cfg = size.dit_config(size.dit_layers)
-    ours = build_dit(cfg, device, dtype)
-    x, sigma, cap, mask = dit_inputs(cfg, size.dit_grid, size.dit_cap_len, batch, device)
-    runners, errors = dit_runners(ours, cfg, dtype, device, x, sigma, cap, mask, compare_model)
+def flux2_runners(ours: nn.Module, cfg: model.Flux2Config, dtype: torch.dtype, x, sigma, cap, mask):
+    """ours and diffusers' Flux2Transformer2DModel on the same Parameter objects (its output is v already)."""
+    runners, errors = {}, {}
+    xd, capd = x.to(dtype), cap.to(dtype)
+    runners["ours"] = (lambda: ours(xd, sigma, capd, mask), f"model.Flux2DiT ({Path(model.__file__).name})")
+    try:
+        from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+        with torch.device("meta"):
+            ref = Flux2Transformer2DModel(patch_size=1, guidance_embeds=False, **{
+                k: v for k, v in asdict(cfg).items() if k != "patch_size"})
+        ref = share_weights(ref, ours)
+        tokens, ids = xd.flatten(2).transpose(1, 2), Flux2KleinPipeline._prepare_latent_ids(xd)
+        runners["diffusers"] = (lambda: ref(
+            hidden_states=tokens, encoder_hidden_states=capd, timestep=sigma, img_ids=ids, guidance=None,
+            txt_ids=Flux2KleinPipeline._prepare_text_ids(capd), return_dict=False)[0].transpose(1, 2).reshape(
+            x.shape).float(), f"diffusers {package_version('diffusers')} Flux2Transformer2DModel")
+    except Exception as e:  # noqa: BLE001 -- any failure to build it is a result to report
+        errors["diffusers"] = f"{type(e).__name__}: {e}"
+    return runners, errors
+
+
+def bench_dit(size: BenchSize, device: str, dtype: torch.dtype, batch: int, compare_model: str | None = None,
+              family: str = "zimage") -> dict:
+    if family == "flux2":  # FLUX.2 attends to all 512 caption positions (pads included): 512 at real size
+        cfg, cap_len = size.flux2_config(), 512 // size.pixel_divisor
+        ours = build(lambda: model.Flux2DiT(cfg), device, dtype, seed=0)
+        x, sigma, cap, mask = dit_inputs(cfg, size.dit_grid, cap_len, batch, device)
+        runners, errors = flux2_runners(ours, cfg, dtype, x, sigma, cap, mask)
+        description = (f"FLUX.2 [klein] layout: dim {cfg.dim}, {cfg.num_attention_heads} heads of "
+                       f"{cfg.attention_head_dim}, {cfg.num_layers} double + {cfg.num_single_layers} single blocks")
+    else:
+        cfg, cap_len = size.dit_config(size.dit_layers), size.dit_cap_len
+        ours = build_dit(cfg, device, dtype)
+        x, sigma, cap, mask = dit_inputs(cfg, size.dit_grid, cap_len, batch, device)
+        runners, errors = dit_runners(ours, cfg, dtype, device, x, sigma, cap, mask, compare_model)
+        description = (f"Z-Image layout: dim {cfg.dim}, {cfg.n_heads} heads of {cfg.dim // cfg.n_heads}, "
+                       f"{cfg.n_layers} layers + {cfg.n_refiner_layers}+{cfg.n_refiner_layers} refiners")
     params = list(ours.parameters())
 
     def forward(run):
@@ -501,18 +544,20 @@ def bench_dit(size: BenchSize, device: str, dtype: torch.dtype, batch: int, comp
                                                                                         r[f"{phase}_s"]))
                                          for phase in ("forward", "forward_backward")}
     n_img = size.dit_grid ** 2
-    return {"config": {**asdict(cfg), "n_params": sum(p.numel() for p in params)},
-            "inputs": {"batch": batch, "image_tokens": n_img, "caption_tokens": size.dit_cap_len,
-                       "sequence": model.round_up(n_img) + model.round_up(size.dit_cap_len), "dtype": str(dtype)},
+    sequence = n_img + cap_len if family == "flux2" else model.round_up(n_img) + model.round_up(cap_len)
+    return {"family": family, "config": {**asdict(cfg), "n_params": sum(p.numel() for p in params),
+                                         "description": description},
+            "inputs": {"batch": batch, "image_tokens": n_img, "caption_tokens": cap_len, "sequence": sequence,
+                       "dtype": str(dtype)},
             "implementations": results, "unavailable": errors, "ratios": ratios, "paired_ratios": paired_ratios}
 
 
 def dit_table(r: dict) -> str:
     cfg, inp = r["config"], r["inputs"]
-    lines = [f"### 1. DiT: ours vs diffusers vs DiffSynth (same config, same Parameter objects, interleaved, "
-             f"median of {max([len(i['forward_s']) for i in r['implementations'].values()] or [0])})",
-             f"config: dim {cfg['dim']}, {cfg['n_heads']} heads of {cfg['dim'] // cfg['n_heads']}, "
-             f"{cfg['n_layers']} layers + {cfg['n_refiner_layers']}+{cfg['n_refiner_layers']} refiners, "
+    lines = [f"### 1. {'FLUX.2' if r['family'] == 'flux2' else 'Z-Image'} DiT: ours vs the references (same config, "
+             f"same Parameter objects, interleaved, median of "
+             f"{max([len(i['forward_s']) for i in r['implementations'].values()] or [0])})",
+             f"config: {cfg['description']}, "
              f"{cfg['n_params'] / 1e6:.1f}M params; batch {inp['batch']}, {inp['image_tokens']} image tokens + "
              f"{inp['caption_tokens']} caption tokens (sequence {inp['sequence']}), {inp['dtype']}", "",
              "| implementation | forward (s) | fwd+bwd (s) | ours / it, forward | ours / it, fwd+bwd | "
@@ -663,63 +708,96 @@ def sampling_table(r: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def write_training_inputs(folder: Path, cfg: model.ZImageConfig, size: BenchSize, pixels: int, dtype: torch.dtype):
+    """A random L2P init in the released layout (made on the device, tensor by tensor) and a few random images with
+    cached caption features: what train.py reads."""
+    with torch.device("meta"):
+        specs = {k: v.to(dtype) for k, v in model.ZImageDiT(cfg).state_dict().items()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device).manual_seed(0)
+
+    def tensors():
+        for key, spec in specs.items():
+            t = torch.randn(spec.shape, generator=g, device=device)
+            t = 1 + 0.1 * t if spec.ndim == 1 and "norm" in key else t * 0.5 / math.sqrt(spec[0].numel())
+            yield key, t.to(dtype).cpu()
+
+    model.write_safetensors(folder / "init.safetensors", tensors(), {"format": "l2p"}, specs=specs)
+    rows = []
+    for i in range(2 * size.train_batch):
+        image = torch.rand(1, 3, pixels, pixels, generator=torch.Generator().manual_seed(i)) * 2 - 1
+        model.save_png(folder / f"{i}.png", model.to_uint8(image)[0])
+        cap = torch.randn(size.sample_cap_len, cfg.cap_feat_dim, generator=torch.Generator().manual_seed(i))
+        model.write_caption_features(model.caption_features_path(folder, f"prompt {i}"), cap, f"prompt {i}")
+        rows.append({"file_name": f"{i}.png", "prompt": f"prompt {i}",
+                     "features": model.caption_features_path(folder, f"prompt {i}").name})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def run_training(spec: dict, size: BenchSize, device: str, dtype: torch.dtype) -> dict:
-    """The step train.py takes, minimally: set_trainable's default policy, gradient checkpointing on, AdamW on the
-    trainable parameters, x_sigma = (1 - sigma) x0 + sigma eps, loss = MSE(v, eps - x0)."""
-    memory = PeakMemory(device)
-    memory.start()
-    cfg = size.l2p_config(spec["patch"])
-    dit = build_dit(cfg, device, dtype)
-    trainable, frozen = model.set_trainable(dit, size.train_blocks)
-    dit.gradient_checkpointing = True
-    dit.train()
-    optimizer = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
-    B, px = size.train_batch, spec["pixels"]
+    """train.py's own step (its loop, its memory mode, its optimizer), a few steps on random weights and data, run
+    through train.main; time per step and peak memory from its log, model FLOPs counted on a forward of the same
+    network under the same freeze policy."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train
+
+    cfg, B, px = size.l2p_config(spec["patch"]), size.train_batch, spec["pixels"]
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        write_training_inputs(work, cfg, size, px, dtype)
+        memory = PeakMemory(device)
+        memory.start()
+        host = PeakMemory("cpu")
+        host.start()
+        train.main(["--init", str(work / "init.safetensors"), "--data", str(work), "--out", str(work / "run"),
+                    "--max-steps", str(size.train_steps + 1), "--batch-size", str(B), "--res", str(px),
+                    "--train-blocks", str(size.train_blocks), "--device", device, "--workers", "0",
+                    "--dtype", {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype], "--log-every", "1",
+                    "--sample-every", "0", "--save-every", str(10 ** 9),
+                    "--low-memory" if spec["mode"] == "low-memory" else "--no-low-memory"])
+        log = [json.loads(line) for line in (work / "run" / "log.jsonl").read_text().splitlines()]
+        peak_bytes, peak_host_bytes = memory.peak(), host.peak()
+    plan = next(r for r in log if r.get("event") == "plan")
+    steps = [r["step_s"] for r in log if "step_s" in r][1:]  # the first step warms up (allocations, kernels)
+    net = build_dit(cfg, device, dtype)
+    trainable, frozen = model.set_trainable(net, size.train_blocks)
     g = torch.Generator().manual_seed(0)
-    x0 = (torch.rand(B, 3, px, px, generator=g) * 2 - 1).to(device)
-    cap = torch.randn(B, size.sample_cap_len, cfg.cap_feat_dim, generator=g).to(device, dtype)
-    mask = torch.ones(B, size.sample_cap_len, dtype=torch.bool, device=device)
-
-    def step():
-        eps = torch.randn_like(x0)
-        sigma = torch.rand(B, device=device)
-        s = sigma[:, None, None, None]
-        v = dit(((1 - s) * x0 + s * eps).to(dtype), sigma, cap, mask)
-        loss = F.mse_loss(v, eps - x0)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
     with FlopCounter() as flops, torch.no_grad():
-        dit(x0.to(dtype), torch.rand(B, device=device), cap, mask)
-    step()  # warm-up: allocates the optimizer state
-    times = [timed(step, device)[0] for _ in range(size.train_steps)]
-    step_s = statistics.median(times)
-    return {**spec, "batch": B, "trainable_params": trainable, "frozen_params": frozen, "step_s": step_s,
-            "images_per_s": B / step_s, "train_tflop_per_step": flops.train_step / 1e12,
-            "forward_flops_by_kind": flops.flops, "achieved_tflops": flops.train_step / step_s / 1e12,
-            "peak_bytes": memory.peak()}
+        net(torch.rand(B, 3, px, px, generator=g).to(device, dtype), torch.rand(B), torch.randn(
+            B, size.sample_cap_len, cfg.cap_feat_dim, generator=g).to(device, dtype),
+            torch.ones(B, size.sample_cap_len, dtype=torch.bool, device=device))
+    step_s = statistics.median(steps)
+    return {**spec, "batch": B, "micro_batch": plan["micro_batch"], "trainable_params": trainable,
+            "frozen_params": frozen, "step_s": step_s, "images_per_s": B / step_s,
+            "train_tflop_per_step": flops.train_step / 1e12, "forward_flops_by_kind": flops.flops,
+            "achieved_tflops": flops.train_step / step_s / 1e12, "peak_bytes": peak_bytes,
+            "peak_host_bytes": peak_host_bytes, "plan_gpu_bytes": plan["plan"]["gpu_total"],
+            "plan_host_bytes": plan["plan"]["host_total"], "losses": [r["loss"] for r in log if "step_s" in r]}
 
 
 def training_table(r: dict) -> str:
-    lines = ["### 3. Training: one L2P step (set_trainable default, gradient checkpointing, AdamW, MSE on v)",
+    lines = ["### 3. Training: train.py's own step, standard and low-memory mode (set_trainable default, gradient "
+             "checkpointing, fp32 masters, AdamW)",
              r["scaling"], f"peak memory: {r['memory_method']}",
              f"MFU = model FLOPs per step / step time / measured peak {r['matmul_peak_tflops']:.2f} TFLOP/s "
              f"({r['dtype']} {r['matmul_n']}^3 matmul). Model FLOPs: 6 x params x tokens for trainable "
              f"layers, 4 x for frozen ones (forward + input gradient), 3 x the forward attention products; "
              f"the checkpoint recompute is not counted", "",
              "| mode | pixels | batch | trainable / frozen params (M) | step (s) | images/s | TFLOP/step | "
-             "achieved TFLOP/s | MFU | peak memory (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "achieved TFLOP/s | MFU | peak memory (MB) | plan (MB) | peak host (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        if "error" in row or "status" in row:
-            lines.append(f"| {row['mode']} | {row.get('pixels', '-')}^2 | - | - | - | - | - | - | - | "
-                         f"{row.get('error') or row['status']} |")
+        if "error" in row:
+            lines.append(f"| {row['mode']} | {row.get('pixels', '-')}^2 | - | - | - | - | - | - | - | - | - | "
+                         f"{row['error']} |")
             continue
+        plan = row["plan_gpu_bytes"] + (row["plan_host_bytes"] if row["device"] == "cpu" else 0)
         lines.append(f"| {row['mode']} | {row['pixels']}^2 | {row['batch']} | {row['trainable_params'] / 1e6:.1f} / "
                      f"{row['frozen_params'] / 1e6:.1f} | {row['step_s']:.3f} | {row['images_per_s']:.3f} | "
                      f"{row['train_tflop_per_step']:.4f} | {row['achieved_tflops']:.3f} | {100 * row['mfu']:.1f}% | "
-                     f"{row['peak_bytes'] / 2**20:.0f} |")
+                     f"{row['peak_bytes'] / 2**20:.0f} | {plan / 2**20:.0f} | {row['peak_host_bytes'] / 2**20:.0f} |")
     return "\n".join(lines)
 
 
@@ -730,9 +808,9 @@ def training_table(r: dict) -> str:
 RUNNERS = {"sampling": run_sampling, "training": run_training}
 
 
-def run_config(spec: dict, args) -> dict:
+def run_config(spec: dict, args, fresh_process: bool = False) -> dict:
     size, dtype = SIZES[args.size], DTYPES[args.dtype]
-    if args.device == "cuda" or args.in_process:
+    if (args.device == "cuda" or args.in_process) and not fresh_process:
         try:
             return RUNNERS[spec["section"]](spec, size, args.device, dtype)
         except Exception as e:  # noqa: BLE001 -- out of memory, say: the other rows still run
@@ -853,6 +931,9 @@ def run_section(section: str, args, result: dict, size: BenchSize, dtype: torch.
         result["dit"] = bench_dit(size, device, dtype, args.batch, args.compare_model)
         print(dit_table(result["dit"]) + "\n", flush=True)
         free_device_memory(device)
+        result["dit_flux2"] = bench_dit(size, device, dtype, args.batch, family="flux2")
+        print(dit_table(result["dit_flux2"]) + "\n", flush=True)
+        free_device_memory(device)
 
     scaling = sampling_scaling_note(size, args.size == "real")
     if section == "sampling":
@@ -863,14 +944,15 @@ def run_section(section: str, args, result: dict, size: BenchSize, dtype: torch.
 
     if section == "training":
         name, real_px, patch = OUTPUT_SIZES[0]
-        spec = dict(section="training", mode="normal", output=name, pixels=real_px // size.pixel_divisor, patch=patch)
-        row = run_config(spec, args)
-        if "error" not in row:
-            row["mfu"] = row["achieved_tflops"] * 1e12 / peak
-        low = dict(mode="low-memory", pixels=spec["pixels"],
-                   status="see train.py (its low-memory mode is defined there; not re-implemented here)")
+        rows = []
+        for mode in ("standard", "low-memory"):
+            spec = dict(section="training", mode=mode, output=name, pixels=real_px // size.pixel_divisor, patch=patch,
+                        device=device)
+            rows.append(run_config(spec, args, fresh_process=True))  # train.py's memory, isolated per mode
+            if "error" not in rows[-1]:
+                rows[-1]["mfu"] = rows[-1]["achieved_tflops"] * 1e12 / peak
         result["training"] = {"scaling": scaling, "memory_method": memory_method(device, args.in_process),
-                              "rows": [row, low], "matmul_peak_tflops": peak / 1e12, "matmul_n": size.matmul_n,
+                              "rows": rows, "matmul_peak_tflops": peak / 1e12, "matmul_n": size.matmul_n,
                               "dtype": args.dtype}
         print(training_table(result["training"]) + "\n", flush=True)
     save(result, args.out, start)

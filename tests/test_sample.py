@@ -87,7 +87,7 @@ def test_clear_errors(ckpt, repo, tmp_path, capsys):
         run(ckpt, repo, tmp_path, "--prompt", "p", "--width", "40", "--height", "32")
     with pytest.raises(SystemExit, match="needs the Qwen3 text encoder"):
         sample.main(["--ckpt", str(ckpt), "--prompt", "p"])
-    with pytest.raises(SystemExit, match="latent Z-Image transformer"):
+    with pytest.raises(SystemExit, match="is a latent transformer"):
         run(repo, repo, tmp_path, "--prompt", "p")
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(SystemExit, match="holds no prompt"):

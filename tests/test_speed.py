@@ -39,7 +39,7 @@ def tiny_run(tmp_path_factory):
 def test_json_is_written_and_complete(tiny_run):
     result, saved = tiny_run
     assert saved == json.loads(json.dumps(result))
-    assert {"meta", "matmul_peak", "dit", "sampling", "training"} <= set(saved)
+    assert {"meta", "matmul_peak", "dit", "dit_flux2", "sampling", "training"} <= set(saved)
     assert saved["meta"]["device"] == "cpu" and saved["meta"]["size"] == "tiny" and saved["meta"]["torch"]
 
 
@@ -47,10 +47,19 @@ def test_measured_numbers_are_positive_and_finite(tiny_run):
     _, saved = tiny_run
     for path, value in numbers({k: v for k, v in saved.items() if k != "meta"}):
         assert math.isfinite(value), path
-        if not path.endswith("rel_diff_vs_ours"):  # two implementations may agree exactly
+        if not path.endswith(("rel_diff_vs_ours", "plan_host_bytes")):  # may be 0: two implementations agree,
+            # or a memory mode keeps nothing on the host
             assert value > 0, path
     for path, value in numbers(saved["meta"]):
         assert math.isfinite(value) and value >= 0, path
+
+
+def test_flux2_dit_section(tiny_run):
+    _, saved = tiny_run
+    dit = saved["dit_flux2"]
+    assert set(dit["implementations"]) == {"ours", "diffusers"} and dit["family"] == "flux2"
+    assert dit["implementations"]["diffusers"]["rel_diff_vs_ours"] < 1e-4  # the same weights, the same v
+    assert set(dit["ratios"]["ours/diffusers"]) == {"forward", "forward_backward"}
 
 
 def test_dit_section(tiny_run):
@@ -82,12 +91,16 @@ def test_sampling_section(tiny_run):
     assert set(saved["sampling"]["summary"]) == set(OUTPUTS)
 
 
-def test_training_section(tiny_run):
+def test_training_section_runs_train_py_in_both_memory_modes(tiny_run):
     _, saved = tiny_run
-    normal, low = saved["training"]["rows"]
-    assert normal["mode"] == "normal" and "error" not in normal
-    assert {"images_per_s", "mfu", "peak_bytes", "train_tflop_per_step"} <= set(normal)
-    assert low["mode"] == "low-memory" and "train.py" in low["status"]
+    rows = saved["training"]["rows"]
+    assert [r["mode"] for r in rows] == ["standard", "low-memory"]
+    for row in rows:
+        assert "error" not in row, row
+        assert {"images_per_s", "mfu", "peak_bytes", "train_tflop_per_step", "plan_gpu_bytes"} <= set(row)
+        assert len(row["losses"]) == speed.SIZES["tiny"].train_steps + 1  # train.py's log, every step
+    assert rows[0]["losses"] == rows[1]["losses"]  # fp32 on the CPU: the two modes take the same steps
+    assert rows[0]["plan_host_bytes"] == 0 < rows[1]["plan_host_bytes"]
 
 
 def test_cpu_memory_worker_runs_in_its_own_process():

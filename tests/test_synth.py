@@ -307,11 +307,11 @@ def test_bad_arguments_are_refused_clearly(repo, base_repo, prompts_file, clean,
     no_vae = tmp_path / "no-vae"
     for part in ("transformer", "text_encoder", "scheduler"):
         (no_vae / part).mkdir(parents=True)
-    refused("not a Z-Image repo: it has no vae/", src=no_vae)
+    refused("not a source repo: it has no vae/", src=no_vae)
     no_transformer = tmp_path / "no-transformer"
     for part in ("vae", "text_encoder", "scheduler"):
         (no_transformer / part).mkdir(parents=True)
-    refused("not a Z-Image repo: it has no transformer/", src=no_transformer)
+    refused("not a source repo: it has no transformer/", src=no_transformer)
     refused("not a folder", src=tmp_path / "nowhere")
     # an existing corpus with other settings is never mixed into
     refused("other settings .*steps: 2 there, 3 now", "--steps", "3", out=clean[0])

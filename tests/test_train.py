@@ -393,7 +393,7 @@ def test_bad_inputs_give_clear_errors(repo, init, synth, tmp_path):
     for extra, message in cases:
         with pytest.raises(SystemExit, match=re.escape(message)):
             run(init, synth, tmp_path / "x", "--max-steps", "1", *extra)
-    with pytest.raises(SystemExit, match="latent Z-Image checkpoint"):
+    with pytest.raises(SystemExit, match="latent source checkpoint"):
         run(repo, synth, tmp_path / "x", "--max-steps", "1")
     with pytest.raises(SystemExit, match="found no metadata.jsonl"):
         run(init, tmp_path, tmp_path / "x", "--max-steps", "1")

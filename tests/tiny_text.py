@@ -46,7 +46,7 @@ def make_tiny_tokenizer(folder) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_tiny_text_encoder(root, seed: int = 0) -> dict:
+def make_tiny_text_encoder(root, seed: int = 0, num_layers: int = 3) -> dict:
     """Write root/tokenizer/ and root/text_encoder/ (config.json + >= 2 safetensors shards + index, keys `model.*`).
 
     Weights are random with unit-scale activations and non-trivial norm gains, so a wrong mapping shows up.
@@ -54,7 +54,7 @@ def make_tiny_text_encoder(root, seed: int = 0) -> dict:
     """
     root = Path(root)
     tokenizer = make_tiny_tokenizer(root / "tokenizer")
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=40960,
                          rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, rms_norm_eps=1e-6,
                          tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
