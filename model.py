@@ -1134,7 +1134,37 @@ def component_dir(path: Path, component: str) -> Path:
     return path / component if (path / component).is_dir() else path
 
 
-COMFY_PREFIX = "model.diffusion_model."
+COMFY_PREFIX = "model.diffusion_model."  # ComfyUI's and some BFL single files prefix every key with it
+
+
+def transformer_folder(path: Path, class_name: str, family: str) -> tuple[Path, dict]:
+    """The transformer component of a repo root (or the component folder itself) and its config.json, which must
+    describe `class_name`."""
+    folder = component_dir(path, "transformer")
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"{path} is neither a {family} repo root (with transformer/) nor a component folder "
+                              "(config.json + safetensors); pass one of those or a single .safetensors file")
+    raw = json.loads((folder / "config.json").read_text())
+    if raw.get("_class_name", class_name) != class_name:
+        raise CheckpointError(f"{folder}/config.json describes a {raw['_class_name']}, not a {family} transformer "
+                              f"({class_name}); pass the {family} repo root or its transformer/ folder")
+    return folder, raw
+
+
+def single_file(path: Path) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: expected a folder or a .safetensors file")
+    return path
+
+
+def single_file_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], str]:
+    """A single file's key -> shape, without the prefix that all its keys share (if it is COMFY_PREFIX), and that
+    prefix."""
+    shapes = safetensors_shapes([path])
+    strip = COMFY_PREFIX if shapes and all(k.startswith(COMFY_PREFIX) for k in shapes) else ""
+    return {k.removeprefix(strip): s for k, s in shapes.items()}, strip
 
 
 def zimage_config_from_shapes(shapes: dict[str, tuple[int, ...]], patch_size: int, in_channels: int,
@@ -1239,31 +1269,18 @@ def open_dit_checkpoint(path, init: Path | None = None) -> DiTCheckpoint:
     A train.py checkpoint is completed by its init: `init`, or the path it recorded.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
     if path.is_dir():
-        folder = component_dir(path, "transformer")
-        config_file = folder / "config.json"
-        if not config_file.exists():
-            raise CheckpointError(f"{path} is neither a Z-Image repo root (with transformer/) nor a component folder "
-                                  "(config.json + safetensors); pass one of those or a single .safetensors file")
-        raw = json.loads(config_file.read_text())
-        if raw.get("_class_name", "ZImageTransformer2DModel") != "ZImageTransformer2DModel":
-            raise CheckpointError(f"{config_file} describes a {raw['_class_name']}, not a Z-Image transformer; pass "
-                                  "the repo root or its transformer/ folder")
+        folder, raw = transformer_folder(path, "ZImageTransformer2DModel", "Z-Image")
         if raw.get("all_patch_size", [2]) != [2] or raw.get("all_f_patch_size", [1]) != [1]:
-            raise CheckpointError(f"{config_file}: only the single 2x2 latent patch of Z-Image is supported, got "
-                                  f"{raw.get('all_patch_size')}")
-        return DiTCheckpoint(config_from_json(ZImageConfig, config_file), "diffusers folder", safetensors_files(folder))
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: expected a folder or a .safetensors file")
-    init = trained_init_path(path, init)
+            raise CheckpointError(f"{folder}/config.json: only the single 2x2 latent patch of Z-Image is supported, "
+                                  f"got {raw.get('all_patch_size')}")
+        return DiTCheckpoint(config_from_json(ZImageConfig, folder / "config.json"), "diffusers folder",
+                             safetensors_files(folder))
+    init = trained_init_path(single_file(path), init)
     if init is not None:
         base = open_dit_checkpoint(init)
         return replace(base, layout=f"{base.layout} + trained tensors of {path.name}", trained=path)
-    shapes = safetensors_shapes([path])
-    strip = COMFY_PREFIX if shapes and all(k.startswith(COMFY_PREFIX) for k in shapes) else ""
-    shapes = {k.removeprefix(strip): s for k, s in shapes.items()}
+    shapes, strip = single_file_shapes(path)
     comfy = any(k.endswith(".attention.qkv.weight") for k in shapes)
     names = _normalise_dit_keys(shapes) if comfy else shapes
     pixel_head = any(k.startswith("local_decoder.") for k in names)
@@ -1398,32 +1415,17 @@ def open_flux2_checkpoint(path) -> Flux2Checkpoint:
     diffusers names. Single files get their config from the tensor shapes.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
     if path.is_dir():
-        folder = component_dir(path, "transformer")
-        config_file = folder / "config.json"
-        if not config_file.exists():
-            raise CheckpointError(f"{path} is neither a FLUX.2 repo root (with transformer/) nor a component folder "
-                                  "(config.json + safetensors); pass one of those or a single .safetensors file")
-        raw = json.loads(config_file.read_text())
-        if raw.get("_class_name") != "Flux2Transformer2DModel":
-            raise CheckpointError(f"{config_file} describes a {raw.get('_class_name', 'config without _class_name')}, "
-                                  "not a FLUX.2 transformer (Flux2Transformer2DModel); pass the FLUX.2 repo root or "
-                                  "its transformer/ folder")
+        folder, raw = transformer_folder(path, "Flux2Transformer2DModel", "FLUX.2")
         unsupported = {k: raw[k] for k, ok in (("guidance_embeds", False), ("patch_size", 1)) if raw.get(k, ok) != ok}
         if raw.get("out_channels") not in (None, raw.get("in_channels", 128)):
             unsupported["out_channels"] = raw["out_channels"]
         if unsupported:
-            raise CheckpointError(f"{config_file}: {unsupported} is not FLUX.2 [klein]'s architecture (guidance "
+            raise CheckpointError(f"{folder}/config.json: {unsupported} is not FLUX.2 [klein]'s architecture (guidance "
                                   "embedding off, patch 1, out = in channels); only klein is supported")
-        cfg = config_from_json(Flux2Config, config_file)
-        return Flux2Checkpoint(cfg, "diffusers folder", safetensors_files(folder))
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: expected a folder or a .safetensors file")
-    shapes = safetensors_shapes([path])
-    strip = COMFY_PREFIX if shapes and all(k.startswith(COMFY_PREFIX) for k in shapes) else ""
-    shapes = {k.removeprefix(strip): s for k, s in shapes.items()}
+        return Flux2Checkpoint(config_from_json(Flux2Config, folder / "config.json"), "diffusers folder",
+                               safetensors_files(folder))
+    shapes, strip = single_file_shapes(single_file(path))
     bfl = "single_stream_modulation.lin.weight" in shapes
     layout = ("single file, BFL names" if bfl else "single file, diffusers names") + (
         f", prefix '{strip}'" if strip else "")
@@ -1727,6 +1729,15 @@ def load_text_encoder(path, device="cpu", dtype=torch.bfloat16, tokenizer=None, 
     n_layers = max(layers) if family == "flux2" else None
     model = qwen3_from_tensors(config, read_tensors(files), device=device, dtype=dtype, n_layers=n_layers)
     return TextEncoder(AutoTokenizer.from_pretrained(tok_folder, local_files_only=True), model, family, layers)
+
+
+def compile_blocks(net: nn.Module) -> nn.Module:
+    """torch.compile every transformer block in place (norms, modulation, RoPE and the MLP fused by the compiler);
+    embedders, the head and the sampler stay eager. The first call of each new shape compiles."""
+    for module in net.modules():
+        if isinstance(module, (DiTBlock, DoubleStreamBlock, SingleStreamBlock)):
+            module.compile()
+    return net
 
 
 # ----------------------------------------------------------------------------------------------------------------

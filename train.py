@@ -83,6 +83,7 @@ def parse_args(argv=None):
                                                   "on the CPU, where bf16 convolutions are ~50x slower)")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
         help="recompute each DiT block in the backward pass instead of keeping its activations")
+    add("--compile", action="store_true", help="torch.compile the transformer blocks (the first steps compile)")
     add("--low-memory", action=argparse.BooleanOptionalAction, help="masters and AdamW on the CPU (default: on "
                                                                     "cards under 40 GB or when standard does not fit)")
     add("--zero", action=argparse.BooleanOptionalAction, help="under torchrun, shard AdamW's state with "
@@ -561,6 +562,7 @@ def load_for_training(path: Path, args, device: torch.device, master_device: tor
     model.assign_weights(net, stream(), checkpoint.layout, device=device, dtype=dtype)
     model.set_trainable(net, args.train_blocks, args.strict_freeze)  # assignment made new Parameter objects
     net.gradient_checkpointing = args.grad_checkpointing
+    model.compile_blocks(net) if args.compile else None
     return net.train(), masters, checkpoint.layout
 
 

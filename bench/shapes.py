@@ -1,6 +1,7 @@
 """
-The whole L2P recipe in miniature, on the CPU: a toy latent text-to-image model is trained on captioned shape scenes
-and saved in Z-Image's published layout; then the real scripts run on it, exactly as on the 6B model:
+The whole L2P recipe in miniature, on the CPU: a toy latent text-to-image model of captioned shape scenes, shipped in
+Z-Image's published layout (bench/toy-source/, trained once by --train-source, as the real recipe starts from a
+downloaded Z-Image); then the real scripts run on it, exactly as on the 6B model:
 
     synth.py   the source LDM makes the training corpus (images + cached text features)
     convert.py the latent DiT becomes the pixel model (16x16 RGB patches + Detailer Head)
@@ -10,8 +11,10 @@ and saved in Z-Image's published layout; then the real scripts run on it, exactl
 and ShapeEval (bench/shapeworld.py, a rule-based GenEval) scores ground truth, VAE reconstructions, the source, L2P
 and a baseline: the same pixel architecture trained from scratch, every layer trainable, same data and steps.
 
-    python bench/shapes.py            # quick: every stage small, <= 10 min on 2 cores, the qualitative result
+    python bench/shapes.py            # quick: <= 10 min on 2 cores, the qualitative result
     python bench/shapes.py --full     # sized to measure the claim, <= 60 min on 2 cores
+    python bench/shapes.py --full --real-data   # + L2P on ground-truth renders of the same prompts (the paper's
+                                                #   data ablation: the source's own samples should win)
 
 Finished stages are cached under --runs with their wall time (--fresh redoes them). Output: results.md +
 results.json (per-task and overall ShapeEval, trainable fraction, seconds per stage, the convergence curve: ShapeEval,
@@ -20,19 +23,18 @@ the validation loss on held-out source samples and the prompt effect, for L2P an
 """
 
 import argparse
+import hashlib
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,20 +43,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import model  # noqa: E402
 import shapeworld  # noqa: E402
+import toysource  # noqa: E402
 
-SIZE = 64  # pixels; the real geometry scaled down: VAE x8 -> 8x8 latent, latent patch 2 -> 4x4 tokens = pixel patch 16
+SIZE, TOY_DIT, SHIFT = toysource.SIZE, toysource.TOY_DIT, toysource.SHIFT
+HEAD_WIDTH = 16  # the toy Detailer Head: the released layout with a quarter of the channels
 
 
 @dataclass
 class Plan:
     """Every size and step count of one run (quick or full)."""
-    vae_steps: int
-    vae_batch: int
-    vae_lr: float
-    source_steps: int
-    source_batch: int
-    source_lr: float
-    train_scenes: int  # rendered scenes the source learns from
     corpus_prompts: int  # prompts x seeds images that synth.py makes for L2P (the paper: 10k x 2)
     corpus_seeds: int
     pixel_steps: int  # train.py steps for L2P and for the scratch baseline
@@ -71,31 +68,13 @@ class Plan:
 
 
 # Pixel lr 1e-3 with the head's wide convolutions slowed by their fan-in (--head-lr-fan-in 288): with one lr for
-# everything the deepest decoder conv dies (its SiLU inputs are pushed far below zero) and the output stops depending
-# on the prompt: prompt effect after 300 steps on the quick corpus 0.0003 at 1e-3 (0 at 3e-3), 0.016 with the
-# fan-in rule at the same training loss (0.16), and 0.033 after 1,000 steps. Lr 3e-3 with N = 288 still goes deaf.
-QUICK = Plan(vae_steps=900, vae_batch=16, vae_lr=3e-3, source_steps=600, source_batch=32, source_lr=2e-3,
-             train_scenes=4000, corpus_prompts=128, corpus_seeds=2, pixel_steps=300, pixel_batch=16, pixel_lr=1e-3,
-             head_lr_fan_in=288, curve_every=100, eval_prompts=24, eval_seeds=2, sample_steps=10, source_cfg_w=2.0,
-             pixel_cfg=2.0, train_blocks=1)
-FULL = Plan(vae_steps=2000, vae_batch=16, vae_lr=3e-3, source_steps=2500, source_batch=64, source_lr=2e-3,
-            train_scenes=20000, corpus_prompts=1000, corpus_seeds=2, pixel_steps=3000, pixel_batch=16, pixel_lr=1e-3,
-            head_lr_fan_in=288, curve_every=750, eval_prompts=72, eval_seeds=4, sample_steps=30, source_cfg_w=2.0,
-            pixel_cfg=2.0, train_blocks=1)
-
-TOY_DIT = model.ZImageConfig(in_channels=16, patch_size=2, dim=128, n_layers=6, n_refiner_layers=1, n_heads=4,
-                             cap_feat_dim=64, axes_dims=(8, 12, 12))
-TOY_VAE = model.FluxVAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
-TOY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16)
-TOY_TRAIN_SHIFT = 1.0  # the source trains on uniform sigma (16 latent tokens: the resolution rule gives a small shift)
-TOY_SHIFT = 3.0  # ...but samples better with Z-Image's shift 3 (a toy source at 20 steps: 0.094 vs 0.062 at 1)
-VAE_POOL = 2000  # scenes rendered once for the VAE (rendering is cheap, but not free at every step)
-# The decoder learns on noisy latents, to forgive the DiT's inexact samples: with 0.25 of the latent's spread in
-# training, latents with 0.4 unit of noise still decode to 0.979 ShapeEval (0.990 clean). Relative to the spread, so
-# the encoder cannot outgrow the noise by scaling its output up.
-VAE_LATENT_NOISE = 0.25
-HEAD_WIDTH = 16  # the toy Detailer Head: the released layout with a quarter of the channels
+# everything the deepest decoder conv dies and the output stops depending on the prompt (bench/RESULTS.md).
+QUICK = Plan(corpus_prompts=256, corpus_seeds=2, pixel_steps=600, pixel_batch=16, pixel_lr=1e-3, head_lr_fan_in=288,
+             curve_every=200, eval_prompts=24, eval_seeds=2, sample_steps=10, source_cfg_w=2.0, pixel_cfg=2.0,
+             train_blocks=1)
+FULL = Plan(corpus_prompts=1000, corpus_seeds=2, pixel_steps=4000, pixel_batch=16, pixel_lr=1e-3, head_lr_fan_in=288,
+            curve_every=1000, eval_prompts=72, eval_seeds=4, sample_steps=30, source_cfg_w=2.0, pixel_cfg=2.0,
+            train_blocks=1)
 
 
 def log(msg: str):
@@ -105,167 +84,6 @@ def log(msg: str):
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The toy source LDM, trained here and saved in Z-Image's published layout
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def write_tokenizer(folder: Path):
-    """A word-level tokenizer over the scene vocabulary with Qwen's special tokens and chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<unk>"]
-    words = ["user", "assistant", *shapeworld.caption_vocabulary()]
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(specials + words))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.add_special_tokens(specials)
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    template = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-                "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-                "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
-                "{%- endif %}{%- endif %}")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        unk_token="<unk>", padding_side="right", chat_template=template)
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
-def write_text_encoder(folder: Path, vocab_size: int, pad_id: int, seed: int = 0):
-    """A small random Qwen3 (never trained: like the real recipe, the text encoder stays frozen) in the HF layout."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=vocab_size, max_position_embeddings=512, tie_word_embeddings=True,
-                         pad_token_id=pad_id, rms_norm_eps=1e-6, **TOY_TEXT)
-    text = Qwen3ForCausalLM(config)
-    with torch.no_grad():
-        text.model.embed_tokens.weight.normal_()
-    text.save_pretrained(folder)
-
-
-def write_component(folder: Path, module: torch.nn.Module, config: dict, weights_name: str):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    model.write_safetensors(folder / weights_name, {k: v.detach().contiguous() for k, v in module.state_dict().items()})
-
-
-def cosine_lr(peak: float, step: int, steps: int, warmup: int = 50) -> float:
-    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-
-
-def train_vae(plan: Plan, seed: int) -> model.FluxVAE:
-    """FLUX's autoencoder architecture, small: reconstruction MSE + a light pull of the latent toward the origin."""
-    torch.manual_seed(seed)
-    vae = model.FluxVAE(replace(TOY_VAE))  # a copy: normalise_vae writes the fitted factors into vae.cfg
-    opt = torch.optim.AdamW(vae.parameters(), lr=plan.vae_lr, weight_decay=0.0)
-    rng = np.random.default_rng(seed)
-    pool = to_tensor(np.stack([shapeworld.render(shapeworld.make_scene(rng), SIZE) for _ in range(VAE_POOL)]))
-    g = torch.Generator().manual_seed(seed)
-    for step in range(plan.vae_steps):
-        x = pool[torch.randint(len(pool), (plan.vae_batch,), generator=g)]
-        mean = vae.encoder(x)[:, :TOY_VAE.latent_channels]
-        z = mean + VAE_LATENT_NOISE * mean.detach().std() * torch.randn_like(mean)
-        loss = F.mse_loss(vae.decoder(z), x) + 1e-4 * mean.square().mean()
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(plan.vae_lr, step, plan.vae_steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == plan.vae_steps - 1:
-            log(f"vae step {step}: loss {loss.item():.4f}")
-    return vae.eval()
-
-
-@torch.no_grad()
-def normalise_vae(vae: model.FluxVAE, seed: int):
-    """Z-Image's latent normalisation, (mean - shift) * scale, fitted to this VAE: zero mean, unit variance."""
-    rng = np.random.default_rng(seed + 1)
-    x = to_tensor(np.stack([shapeworld.render(shapeworld.make_scene(rng), SIZE) for _ in range(256)]))
-    mean = vae.encoder(x)[:, :TOY_VAE.latent_channels]
-    vae.cfg.shift_factor = float(mean.mean())
-    vae.cfg.scaling_factor = float(1 / mean.std())
-
-
-def encode_captions(text, captions: list[str], batch: int = 256) -> dict[str, torch.Tensor]:
-    """Distinct caption -> its valid feature rows [L, D] (the DiT sees exactly what the text encoder gives it)."""
-    out = {}
-    unique = list(dict.fromkeys(captions))
-    for i in range(0, len(unique), batch):
-        cap, mask = text.encode(unique[i:i + batch])
-        for caption, c, m in zip(unique[i:i + batch], cap, mask):
-            out[caption] = c[m].clone()
-    return out
-
-
-def pad_captions(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(r.shape[0] for r in rows)
-    cap = torch.stack([F.pad(r, (0, 0, 0, L - r.shape[0])) for r in rows])
-    mask = torch.arange(L)[None, :] < torch.tensor([r.shape[0] for r in rows])[:, None]
-    return cap, mask
-
-
-def train_source_dit(plan: Plan, vae: model.FluxVAE, text, seed: int) -> model.ZImageDiT:
-    """The toy Z-Image DiT, trained by flow matching on the VAE's latents (10% empty captions, for CFG)."""
-    rng = np.random.default_rng(seed + 2)
-    scenes = [shapeworld.make_scene(rng) for _ in range(plan.train_scenes)]
-    features = encode_captions(text, [s.caption for s in scenes] + [""])
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(to_tensor(np.stack([shapeworld.render(s, SIZE) for s in scenes[i:i + 256]])))
-                             for i in range(0, len(scenes), 256)])
-    torch.manual_seed(seed)
-    dit = model.ZImageDiT(TOY_DIT)
-    opt = torch.optim.AdamW(dit.parameters(), lr=plan.source_lr, weight_decay=0.01)
-    g = torch.Generator().manual_seed(seed)
-    for step in range(plan.source_steps):
-        idx = torch.randint(len(scenes), (plan.source_batch,), generator=g)
-        drop = torch.rand(plan.source_batch, generator=g) < 0.1
-        cap, mask = pad_captions([features[""] if d else features[scenes[i].caption]
-                                  for i, d in zip(idx.tolist(), drop)])
-        x0 = latents[idx]
-        u = torch.randint(1, 1001, (plan.source_batch,), generator=g) / 1000
-        sigma = TOY_TRAIN_SHIFT * u / (1 + (TOY_TRAIN_SHIFT - 1) * u)
-        eps = torch.randn(x0.shape, generator=g)
-        x = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * eps
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(plan.source_lr, step, plan.source_steps, warmup=100)
-        loss = F.mse_loss(dit(x, sigma, cap, mask), eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        opt.step()
-        if step % 100 == 0 or step == plan.source_steps - 1:
-            log(f"source dit step {step}: loss {loss.item():.4f}")
-    return dit.eval()
-
-
-def build_source(repo: Path, plan: Plan, seed: int) -> None:
-    """Train the toy VAE and DiT and write the repo root exactly as Z-Image publishes it."""
-    tmp = repo.with_name(repo.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = write_tokenizer(tmp / "tokenizer")
-    write_text_encoder(tmp / "text_encoder", len(tokenizer), tokenizer.pad_token_id, seed)
-    text = model.load_text_encoder(tmp, dtype=torch.float32)
-    vae = train_vae(plan, seed)
-    normalise_vae(vae, seed)
-    write_component(tmp / "vae", vae, {"_class_name": "AutoencoderKL", **asdict(vae.cfg), "use_quant_conv": False,
-                                       "use_post_quant_conv": False}, "diffusion_pytorch_model.safetensors")
-    dit = train_source_dit(plan, vae, text, seed)
-    cfg = TOY_DIT
-    write_component(tmp / "transformer", dit, {
-        "_class_name": "ZImageTransformer2DModel", "all_patch_size": [cfg.patch_size], "all_f_patch_size": [1],
-        "in_channels": cfg.in_channels, "dim": cfg.dim, "n_layers": cfg.n_layers, "n_refiner_layers":
-        cfg.n_refiner_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_heads, "norm_eps": cfg.norm_eps,
-        "qk_norm": True, "cap_feat_dim": cfg.cap_feat_dim, "rope_theta": cfg.rope_theta, "t_scale": cfg.t_scale,
-        "axes_dims": list(cfg.axes_dims), "axes_lens": [1536, 512, 512]}, "diffusion_pytorch_model.safetensors")
-    (tmp / "scheduler").mkdir()
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": TOY_SHIFT,
-         "use_dynamic_shifting": False}))
-    (tmp / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline", "toy": "bench/shapes.py"}))
-    tmp.rename(repo)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,29 +102,12 @@ def script(name: str, *args, log_file: Path | None = None):
         raise SystemExit(f"{name} failed (exit {result.returncode}); see {log_file}")
 
 
-def eval_scenes(plan: Plan, seed: int) -> list:
-    """Distinct prompts, eval_prompts / 6 per task in task-cycled order (single_object has only 3 captions and
-    two_object 6). Repeating a prompt would only repeat its images: seeds, not prompts, give the spread."""
-    rng = np.random.default_rng(seed + 1000)
-    share = plan.eval_prompts // len(shapeworld.TASKS)
-    by_task = {}
-    for task in shapeworld.TASKS:
-        found = {}
-        for _ in range(100 * share):  # enough draws to exhaust a task's captions when it has fewer than `share`
-            scene = shapeworld.make_scene(rng, task)
-            found.setdefault(scene.caption, scene)
-            if len(found) == share:
-                break
-        by_task[task] = list(found.values())
-    return [scenes[j] for j in range(share) for scenes in by_task.values() if j < len(scenes)]
-
-
-def sample_with_script(folder: Path, prompts_file: Path, plan: Plan, log_file: Path, *, ckpt=None, latent=None,
-                       text_encoder=None):
+def sample_with_script(folder: Path, prompts_file: Path, plan: Plan, log_file: Path, device: str, *, ckpt=None,
+                       latent=None, text_encoder=None):
     """sample.py on the evaluation prompts, seeds 0 .. eval_seeds - 1 each: <folder>/<prompt index>_s<seed>.png
     (_latent.png for the source)."""
     shutil.rmtree(folder, ignore_errors=True)
-    flags = ["--prompts", prompts_file, "--res", SIZE, "--out", folder, "--device", "cpu", "--dtype", "fp32",
+    flags = ["--prompts", prompts_file, "--res", SIZE, "--out", folder, "--device", device, "--dtype", "fp32",
              "--batch-size", 32, "--seed", 0, "--num-images", plan.eval_seeds]
     if ckpt is not None:
         flags += ["--ckpt", ckpt, "--text-encoder", text_encoder, "--steps", plan.sample_steps, "--cfg", plan.pixel_cfg]
@@ -348,7 +149,7 @@ def validation_metrics(ckpt: Path, images: torch.Tensor, cap: torch.Tensor, cap_
 
 
 def train_with_curve(name: str, init: Path, corpus: Path, run: Path, plan: Plan, train_blocks: int, score_fn,
-                     log_file: Path) -> list[dict]:
+                     log_file: Path, device: str) -> list[dict]:
     """train.py in segments of curve_every steps (a resumed run equals an uninterrupted one), scored after each:
     score_fn(checkpoint, tag) -> (ShapeEval dict, validation loss, prompt effect)."""
     shutil.rmtree(run, ignore_errors=True)
@@ -357,7 +158,7 @@ def train_with_curve(name: str, init: Path, corpus: Path, run: Path, plan: Plan,
         script("train.py", "--init", init, "--data", corpus, "--out", run, "--max-steps", step,
                "--batch-size", plan.pixel_batch, "--lr", plan.pixel_lr, "--head-lr-fan-in", plan.head_lr_fan_in,
                "--warmup", 20, "--train-blocks", train_blocks,
-               "--res", SIZE, "--dtype", "fp32", "--device", "cpu", "--workers", 0, "--no-grad-checkpointing",
+               "--res", SIZE, "--dtype", "fp32", "--device", device, "--workers", 0, "--no-grad-checkpointing",
                "--save-every", plan.curve_every,
                "--sample-every", plan.pixel_steps, "--sample-steps", plan.sample_steps, "--sample-guidance",
                plan.pixel_cfg, "--log-every", 25, *(["--resume"] if step > plan.curve_every else []),
@@ -399,7 +200,7 @@ def plot_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title:
         draw.text((x1 - 60, y0 + 14 * i), name, fill=colour)
 
 
-CURVE_COLOURS = {"l2p": (200, 40, 40), "scratch": (40, 90, 200)}
+CURVE_COLOURS = {"l2p": (200, 40, 40), "scratch": (40, 90, 200), "l2p_real": (230, 150, 20)}
 
 
 def plot_curve(curve: list[dict], reference: dict[str, float], path: Path, size=(1100, 420)):
@@ -407,13 +208,14 @@ def plot_curve(curve: list[dict], reference: dict[str, float], path: Path, size=
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     W, H = size
+    colours = {name: c for name, c in CURVE_COLOURS.items() if name in curve[0]}
     plot_panel(draw, (60, 60, W // 2 - 30, H - 50), "ShapeEval overall", 1.0,
-               {name: ([(0, 0.0)] + [(p["step"], p[name]) for p in curve], c) for name, c in CURVE_COLOURS.items()},
+               {name: ([(0, 0.0)] + [(p["step"], p[name]) for p in curve], c) for name, c in colours.items()},
                {"source": (reference["source"], (120, 120, 120)),
                 "ground truth": (reference["ground truth"], (180, 180, 180))})
-    top = max(p[f"{name}_val_loss"] for p in curve for name in CURVE_COLOURS) * 1.1
+    top = max(p[f"{name}_val_loss"] for p in curve for name in colours) * 1.1
     plot_panel(draw, (W // 2 + 60, 60, W - 30, H - 50), "validation loss (held-out source samples)", top,
-               {name: ([(p["step"], p[f"{name}_val_loss"]) for p in curve], c) for name, c in CURVE_COLOURS.items()},
+               {name: ([(p["step"], p[f"{name}_val_loss"]) for p in curve], c) for name, c in colours.items()},
                {})
     img.save(path)
 
@@ -443,15 +245,13 @@ def write_report(results: dict, out: Path):
         lines.append(f"| {task} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
     lines += ["", f"L2P / source: {results['l2p_over_source']:.1%} (the paper's GenEval ratio: 93%)",
               f"trainable fraction: L2P {results['trainable_fraction']['l2p']:.1%}, scratch 100%", "",
-              "| step | ShapeEval l2p | ShapeEval scratch | validation loss l2p | validation loss scratch | "
-              "prompt effect l2p | prompt effect scratch |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {p['step']} | {p['l2p']:.3f} | {p['scratch']:.3f} | {p['l2p_val_loss']:.4f} | "
-              f"{p['scratch_val_loss']:.4f} | {p['l2p_prompt_effect']:.3f} | {p['scratch_prompt_effect']:.3f} |"
-              for p in results["curve"]]
+              "| step | model | ShapeEval | validation loss | prompt effect |", "|---|---|---|---|---|"]
+    lines += [f"| {p['step']} | {name} | {p[name]:.3f} | {p[name + '_val_loss']:.4f} | {p[name + '_prompt_effect']:.3f} |"
+              for p in results["curve"] for name in CURVE_COLOURS if name in p]
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["seconds"].items()]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    model.atomic_write(out / "results.md", ("\n".join(lines) + "\n").encode())
+    model.atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -462,9 +262,18 @@ def write_report(results: dict, out: Path):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="the sizes that measure the claim (<= 60 min on 2 cores)")
+    parser.add_argument("--real-data", action="store_true",
+                        help="also train L2P on ground-truth renders of the corpus prompts instead of the source's "
+                             "samples (the paper's data ablation): one more curve")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, for every stage")
     parser.add_argument("--runs", help="where stages are cached (default bench/runs/shapes-quick or shapes-full)")
-    parser.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the world, the toy models and the corpus")
+    parser.add_argument("--fresh", action="store_true", help="redo every stage (the shipped source is kept)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the evaluation prompts, the corpus and the inits")
+    parser.add_argument("--train-source", action="store_true",
+                        help="train the toy source and write it to bench/toy-source/ (resumes from "
+                             "bench/runs/train-source/; ~2-3 h on 2 CPU cores, minutes on a GPU)")
+    parser.add_argument("--eval-source", action="store_true",
+                        help="re-measure the shipped source's ShapeEval and VAE reconstructions against its manifest")
     return parser.parse_args(argv)
 
 
@@ -473,27 +282,52 @@ def write_json(path: Path, value):
     model.atomic_write(path, json.dumps(value).encode())
 
 
-def main(argv=None, plan: Plan | None = None):
+def real_data_corpus(corpus: Path, out: Path, plan: Plan, seed: int):
+    """The synthetic corpus's prompts and cached features with ground-truth renders instead of the source's
+    samples: for each prompt, `corpus_seeds` scenes of exactly that caption (drawn until one matches)."""
+    rows = [json.loads(line) for line in (corpus / "metadata.jsonl").read_text().splitlines()]
+    rng = np.random.default_rng(seed + 11)
+    task_of = {s.caption: s.task for s in shapeworld.make_scenes(plan.corpus_prompts, seed + 7)}
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    real = []
+    for row in rows:
+        scene = shapeworld.make_scene(rng, task_of[row["prompt"]])
+        while scene.caption != row["prompt"]:
+            scene = shapeworld.make_scene(rng, task_of[row["prompt"]])
+        model.save_png(out / row["file_name"], shapeworld.render(scene, SIZE))
+        real.append({"file_name": row["file_name"], "prompt": row["prompt"],
+                     "features": str(Path("..") / corpus.name / row["features"])})
+    write_json_lines = "".join(json.dumps(r) + "\n" for r in real)
+    model.atomic_write(out / "metadata.jsonl", write_json_lines.encode())
+
+
+def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
     args = parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_flush_denormal(True)  # CPU: subnormal floats are many times slower (a toy training step: 1 s vs 0.2 s)
+    if args.train_source:
+        return toysource.train_source(toysource.SourcePlan(), ROOT / "bench" / "runs" / "train-source", args.device,
+                                      args.seed)
+    manifest = toysource.check_source(source)
+    if args.eval_source:
+        return eval_source(source, manifest, args.device)
     mode = "full" if args.full else "quick"
     plan = plan or (FULL if args.full else QUICK)
     out = Path(args.runs or ROOT / "bench" / "runs" / f"shapes-{mode}")
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.set_flush_denormal(True)  # CPU: subnormal floats are many times slower (a toy training step: 1 s vs 0.2 s)
-    plan_file = out / "plan.json"
-    if plan_file.exists() and json.loads(plan_file.read_text()) != asdict(plan):
-        raise SystemExit(f"{out} holds stages of another plan ({plan_file}); pass --fresh to redo them, or another "
-                         "--runs folder")
-    write_json(plan_file, asdict(plan))
-    log_file, seconds_file = out / "scripts.log", out / "seconds.json"
+    plan_file, source_id = out / "plan.json", {"plan": asdict(plan), "source": manifest["files"]}
+    if plan_file.exists() and json.loads(plan_file.read_text()) != source_id:
+        raise SystemExit(f"{out} holds stages of another plan or source ({plan_file}); pass --fresh to redo them, or "
+                         "another --runs folder")
+    write_json(plan_file, source_id)
+    log_file, seconds_file, device = out / "scripts.log", out / "seconds.json", args.device
     # wall time per stage, kept with the cache: a report built from cached stages still shows what each one cost
     seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
-    repo, corpus = out / "toy-z-image", out / "corpus"
+    corpus = out / "corpus"
 
-    scenes = eval_scenes(plan, args.seed)
+    scenes = toysource.eval_scenes(plan.eval_prompts, args.seed)
     eval_prompts = out / "eval_prompts.txt"
     eval_prompts.write_text("\n".join(s.caption for s in scenes) + "\n")
     corpus_prompts = out / "corpus_prompts.txt"
@@ -512,13 +346,12 @@ def main(argv=None, plan: Plan | None = None):
         write_json(seconds_file, seconds)
         return value
 
-    stage("toy source (VAE + DiT training)", lambda: build_source(repo, plan, args.seed), repo)
     truth = np.stack([shapeworld.render(s, SIZE) for s in scenes])
 
     def vae_score():
-        vae = model.load_vae(repo)
+        vae = model.load_vae(source)
         with torch.no_grad():
-            recon = model.to_uint8(vae.decode(vae.encode(to_tensor(truth))))
+            recon = model.to_uint8(vae.decode(vae.encode(toysource.to_tensor(truth))))
         return shapeworld.score(list(recon), scenes)
 
     # every sampled image: (prompt index, seed), seed-major so that the first len(scenes) are distinct prompts
@@ -530,7 +363,7 @@ def main(argv=None, plan: Plan | None = None):
                          for i, k in sampled])
 
     def source_score():
-        sample_with_script(out / "samples_source", eval_prompts, plan, log_file, latent=repo)
+        sample_with_script(out / "samples_source", eval_prompts, plan, log_file, device, latent=source)
         return shapeworld.score(list(read_samples(out / "samples_source", "_latent")), sampled_scenes)
 
     scores = {"ground truth": shapeworld.score(list(truth), scenes),
@@ -538,45 +371,54 @@ def main(argv=None, plan: Plan | None = None):
               "source": stage("source samples", source_score, out / "score_source.json", keep_json=True)}
     source_images = read_samples(out / "samples_source", "_latent")
     log(f"ShapeEval: ground truth {scores['ground truth']['overall']:.3f}, vae {scores['vae']['overall']:.3f}, "
-        f"source {scores['source']['overall']:.3f}")
+        f"source {scores['source']['overall']:.3f} (its manifest, full protocol: "
+        f"{manifest['shapeeval']['overall']:.3f})")
 
     stage("synth.py corpus", lambda: script(
-        "synth.py", "--src", repo, "--prompts", corpus_prompts, "--out", corpus, "--seeds", plan.corpus_seeds,
-        "--res", SIZE, "--steps", plan.sample_steps, "--cfg", plan.source_cfg_w, "--shift", TOY_SHIFT,
-        "--batch-size", 64, "--device", "cpu", "--dtype", "fp32", log_file=log_file), corpus / "metadata.jsonl")
+        "synth.py", "--src", source, "--prompts", corpus_prompts, "--out", corpus, "--seeds", plan.corpus_seeds,
+        "--res", SIZE, "--steps", plan.sample_steps, "--cfg", plan.source_cfg_w, "--shift", SHIFT,
+        "--batch-size", 64, "--device", device, "--dtype", "fp32", log_file=log_file), corpus / "metadata.jsonl")
     init, scratch_init = out / "l2p-init.safetensors", out / "scratch-init.safetensors"
-    stage("convert.py", lambda: script("convert.py", "--src", repo, "--out", init, "--patch", 16, "--head-width",
+    stage("convert.py", lambda: script("convert.py", "--src", source, "--out", init, "--patch", 16, "--head-width",
                                        HEAD_WIDTH, "--seed", args.seed, log_file=log_file), init)
     if not scratch_init.exists():
         random_pixel_init(scratch_init, args.seed)
+    runs = [("l2p", init, corpus, plan.train_blocks), ("scratch", scratch_init, corpus, TOY_DIT.n_layers // 2)]
+    if args.real_data:
+        stage("ground-truth corpus", lambda: real_data_corpus(corpus, out / "corpus_real", plan, args.seed),
+              out / "corpus_real" / "metadata.jsonl")
+        runs.append(("l2p_real", init, out / "corpus_real", plan.train_blocks))
 
-    text = model.load_text_encoder(repo, dtype=torch.float32)
+    text = model.load_text_encoder(source, dtype=torch.float32)
     val_cap, val_mask = text.encode([s.caption for s in sampled_scenes])
     empty_cap = text.encode([""])[0]
     del text
 
     def score_pixel(ckpt: Path, tag: str) -> tuple[dict, float, float]:
-        sample_with_script(out / f"samples_{tag}", eval_prompts, plan, log_file, ckpt=ckpt, text_encoder=repo)
+        sample_with_script(out / f"samples_{tag}", eval_prompts, plan, log_file, device, ckpt=ckpt,
+                           text_encoder=source)
         score = shapeworld.score(list(read_samples(out / f"samples_{tag}")), sampled_scenes)
-        return score, *validation_metrics(ckpt, to_tensor(source_images), val_cap, val_mask, empty_cap)
+        return score, *validation_metrics(ckpt, toysource.to_tensor(source_images), val_cap, val_mask, empty_cap)
 
     curves, pixel_images = {}, {}
-    for name, start, blocks in (("l2p", init, plan.train_blocks), ("scratch", scratch_init, TOY_DIT.n_layers // 2)):
+    for name, start, data, blocks in runs:
         curves[name] = stage(f"train.py + sample.py: {name}", lambda: train_with_curve(
-            name, start, corpus, out / f"run_{name}", plan, blocks, score_pixel, log_file), out / f"curve_{name}.json",
-            keep_json=True)
+            name, start, data, out / f"run_{name}", plan, blocks, score_pixel, log_file, device),
+            out / f"curve_{name}.json", keep_json=True)
         scores[name] = curves[name][-1]["score"]
         pixel_images[name] = read_samples(out / f"samples_{name}_step{curves[name][-1]['step']}")
 
     with torch.device("meta"):
         toy = model.ZImageDiT(model.l2p_config(TOY_DIT, 16, HEAD_WIDTH))
     trainable, frozen = model.set_trainable(toy, plan.train_blocks)
-    curve = [{"step": a["step"], "l2p": a["overall"], "scratch": b["overall"], "l2p_val_loss": a["val_loss"],
-              "scratch_val_loss": b["val_loss"], "l2p_prompt_effect": a["prompt_effect"],
-              "scratch_prompt_effect": b["prompt_effect"]} for a, b in zip(curves["l2p"], curves["scratch"])]
+    curve = [{"step": points[0]["step"], **{k: v for name, p in zip(curves, points) for k, v in (
+        (name, p["overall"]), (f"{name}_val_loss", p["val_loss"]), (f"{name}_prompt_effect", p["prompt_effect"]))}}
+        for points in zip(*curves.values())]
     results = {
         "mode": mode, "plan": asdict(plan),
-        "overall": {name: scores[name]["overall"] for name in ("ground truth", "vae", "source", "l2p", "scratch")},
+        "source": {"sha256": hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest(),
+                   "shapeeval_full_protocol": manifest["shapeeval"]["overall"], "commit": manifest["commit"]},
+        "overall": {name: scores[name]["overall"] for name in scores},
         "scores": scores, "curve": curve,
         "l2p_over_source": scores["l2p"]["overall"] / max(scores["source"]["overall"], 1e-9),
         "trainable_fraction": {"l2p": trainable / (trainable + frozen), "scratch": 1.0},
@@ -584,11 +426,24 @@ def main(argv=None, plan: Plan | None = None):
     }
     plot_curve(curve, {"source": scores["source"]["overall"], "ground truth": scores["ground truth"]["overall"]},
                out / "curve.png")
-    save_grid({"source": source_images, "l2p": pixel_images["l2p"], "scratch": pixel_images["scratch"]},
-              [s.caption for s in sampled_scenes], out / "grid.png")
+    save_grid({"source": source_images, **pixel_images}, [s.caption for s in sampled_scenes], out / "grid.png")
     write_report(results, out)
     print((out / "results.md").read_text())
     print(out / "results.json")
+    return results
+
+
+def eval_source(source: Path, manifest: dict, device: str) -> dict:
+    """--eval-source: the shipped source's ShapeEval (its manifest's protocol) and VAE reconstructions, again."""
+    plan = toysource.SourcePlan(**manifest["plan"])
+    work = ROOT / "bench" / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    score = toysource.score_source(source, plan, device, work / "eval-source.log")
+    recon = toysource.vae_score(model.load_vae(source), plan, "cpu")
+    for name, now, then in (("source", score, manifest["shapeeval"]), ("VAE", recon, manifest["vae_reconstructions"])):
+        print(f"{name}: ShapeEval {now['overall']:.3f} (manifest {then['overall']:.3f}, difference "
+              f"{now['overall'] - then['overall']:+.3f}); " + ", ".join(f"{t} {v:.2f}" for t, v in now["per_task"].items()))
+    return {"shapeeval": score, "vae_reconstructions": recon}
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 Quality thresholds live in the benchmark itself, not here."""
 
 import json
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -14,34 +16,49 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import shapes  # noqa: E402
 
-TINY = replace(shapes.QUICK, vae_steps=30, source_steps=30, train_scenes=256, corpus_prompts=12, corpus_seeds=1,
-               pixel_steps=24, pixel_batch=4, curve_every=12, eval_prompts=6, eval_seeds=1, sample_steps=2)
+TINY = replace(shapes.QUICK, corpus_prompts=12, corpus_seeds=1, pixel_steps=24, pixel_batch=4, curve_every=12,
+               eval_prompts=6, eval_seeds=1, sample_steps=2)
 
 
-def test_every_stage_runs_and_the_l2p_loss_falls(tmp_path):
-    shapes.main(["--runs", str(tmp_path)], plan=TINY)
-    repo = tmp_path / "toy-z-image"
-    for part in ("transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer/tokenizer.json",
-                 "scheduler/scheduler_config.json"):
-        assert (repo / part).exists(), part
+def test_every_stage_runs_from_the_shipped_source_and_the_l2p_loss_falls(tmp_path):
+    results = shapes.main(["--runs", str(tmp_path), "--real-data"], plan=TINY)
     rows = (tmp_path / "corpus" / "metadata.jsonl").read_text().splitlines()
     assert len(rows) == TINY.corpus_prompts * TINY.corpus_seeds
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["overall"]) == {"ground truth", "vae", "source", "l2p", "scratch"}
-    assert results["overall"]["ground truth"] >= 0.98
-    assert [p["step"] for p in results["curve"]] == [12, 24]
+    real = [json.loads(line) for line in (tmp_path / "corpus_real" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in real] == [json.loads(line)["prompt"] for line in rows]  # the same prompts, renders
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert set(saved["overall"]) == {"ground truth", "vae", "source", "l2p", "scratch", "l2p_real"}
+    assert saved["overall"]["ground truth"] >= 0.98
+    assert saved["source"]["sha256"] and saved["source"]["shapeeval_full_protocol"] >= 0.5
+    assert [p["step"] for p in saved["curve"]] == [12, 24]
     assert all(0 < p[f"{name}_val_loss"] < 10 and 0 <= p[f"{name}_prompt_effect"] < 10
-               for p in results["curve"] for name in ("l2p", "scratch"))
-    assert 0 < results["trainable_fraction"]["l2p"] < 1
-    assert Image.open(tmp_path / "grid.png").size[0] > 3 * 64 and Image.open(tmp_path / "curve.png").size == (1100, 420)
+               for p in saved["curve"] for name in ("l2p", "scratch", "l2p_real"))
+    assert 0 < saved["trainable_fraction"]["l2p"] < 1
+    assert Image.open(tmp_path / "grid.png").size[0] > 4 * 64 and Image.open(tmp_path / "curve.png").size == (1100, 420)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run_l2p" / "log.jsonl").read_text().splitlines()
               if "loss" in line]
     assert len(losses) >= 4 and sum(losses[-2:]) < sum(losses[:2])
     assert "| overall |" in (tmp_path / "results.md").read_text()
 
 
+def test_an_altered_or_missing_source_is_refused(tmp_path):
+    source = tmp_path / "toy-source"
+    shutil.copytree(shapes.toysource.SOURCE, source)
+    assert shapes.toysource.check_source(source)["shapeeval"]["overall"] >= 0.5
+    weights = source / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match="differ from its manifest.*transformer/diffusion_pytorch_model.safetensors"):
+        shapes.toysource.check_source(source)
+    (source / "manifest.json").unlink()
+    with pytest.raises(SystemExit, match="no trained toy source"):
+        shapes.main(["--runs", str(tmp_path / "runs")], plan=TINY, source=source)
+
+
 def test_eval_prompts_are_distinct_and_balanced_over_tasks():
-    scenes = shapes.eval_scenes(replace(shapes.QUICK, eval_prompts=60), seed=0)
+    scenes = shapes.toysource.eval_scenes(60, seed=0)
     captions = [s.caption for s in scenes]
     assert len(set(captions)) == len(captions)
     counts = {task: sum(s.task == task for s in scenes) for task in shapes.shapeworld.TASKS}
