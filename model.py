@@ -29,6 +29,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
+from functools import partial
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
@@ -335,6 +336,9 @@ class Flux2Config:
     axes_dims_rope: tuple[int, ...] = (32, 32, 32, 32)  # (t, h, w, l) position axes
     rope_theta: float = 2000.0
     eps: float = 1e-6
+    pixel_head: bool = False  # True: the L2P pixel model (RGB patches, the Detailer Head instead of norm/proj_out)
+    head_width: int = 64  # Detailer Head channels at H/2, as for Z-Image
+    single_tail: int = 0  # > 0: the last single_tail single blocks read a private copy of the single modulation
 
     @property
     def dim(self) -> int:
@@ -347,10 +351,6 @@ class Flux2Config:
     @property
     def cap_feat_dim(self) -> int:  # the name the scripts share with ZImageConfig
         return self.joint_attention_dim
-
-    @property
-    def pixel_head(self) -> bool:  # what generate() asks; this is the latent source
-        return False
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor, eps: float) -> torch.Tensor:
@@ -493,6 +493,8 @@ class OutputNorm(nn.Module):
 
 class Flux2DiT(nn.Module):
     """FLUX.2's MMDiT. forward(x, sigma, cap, cap_mask) -> v = eps - x0.
+    With cfg.pixel_head it is the L2P pixel model: p x p RGB patches in through `pixel_embedder` (a name that no
+    latent checkpoint has), the last single block's image tokens and the noisy image into the Detailer Head.
 
     Sequence: [caption tokens (all of them, pads included); image tokens row-major]. Position ids (t, h, w, l):
     caption token j is (0, 0, 0, j), image token (r, c) is (0, r, c, 0). Double-stream blocks keep the two streams'
@@ -503,11 +505,15 @@ class Flux2DiT(nn.Module):
     def __init__(self, cfg: Flux2Config):
         super().__init__()
         self.cfg = cfg
-        dim = cfg.dim
+        dim, p = cfg.dim, cfg.patch_size
         assert cfg.attention_head_dim == sum(cfg.axes_dims_rope), "head_dim must equal the sum of the RoPE axes"
-        if cfg.patch_size != 1:
-            raise ValueError(f"patch size {cfg.patch_size}: FLUX.2 takes one latent position per token (patch 1)")
-        self.x_embedder = nn.Linear(cfg.in_channels, dim, bias=False)
+        if cfg.pixel_head:
+            self.pixel_embedder = nn.Linear(p * p * cfg.in_channels, dim, bias=False)  # no bias, as all of FLUX.2
+            self.local_decoder = DetailerHead(cfg.in_channels, dim, p, cfg.head_width)
+        elif p != 1:
+            raise ValueError(f"patch size {p}: the latent FLUX.2 takes one latent position per token (patch 1)")
+        else:
+            self.x_embedder = nn.Linear(cfg.in_channels, dim, bias=False)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, dim, bias=False)
         # a dict only to keep the published key; klein has no guidance embedder beside it
         self.time_guidance_embed = nn.ModuleDict({"timestep_embedder": TimestepMLP(cfg.timestep_guidance_channels,
@@ -515,10 +521,14 @@ class Flux2DiT(nn.Module):
         self.double_stream_modulation_img = Modulation(dim, 2)
         self.double_stream_modulation_txt = Modulation(dim, 2)
         self.single_stream_modulation = Modulation(dim, 1)
+        if cfg.single_tail:  # keyed by the first single block that reads it, so that a checkpoint's keys say where
+            self.single_stream_modulation_tail = nn.ModuleDict(
+                {str(cfg.num_single_layers - cfg.single_tail): Modulation(dim, 1)})
         self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.num_layers))
         self.single_transformer_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.num_single_layers))
-        self.norm_out = OutputNorm(dim, cfg.eps)
-        self.proj_out = nn.Linear(dim, cfg.in_channels, bias=False)
+        if not cfg.pixel_head:
+            self.norm_out = OutputNorm(dim, cfg.eps)
+            self.proj_out = nn.Linear(dim, cfg.in_channels, bias=False)
         self.gradient_checkpointing = False
 
     def _run(self, block, *args):
@@ -530,17 +540,20 @@ class Flux2DiT(nn.Module):
                     cap_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything between the patch embedder's input and the output layer.
 
-        tokens [B, N, in_channels] (N = grid h * w, row-major), sigma [B] (1 = noise), cap [B, L, joint_attention_dim].
-        Returns the last single block's image tokens [B, N, dim] (before norm_out) and the timestep embedding
-        temb [B, dim].
+        tokens [B, N, p * p * in_channels] (N = grid h * w, row-major), sigma [B] (1 = noise), cap [B, L,
+        joint_attention_dim]. Returns the last single block's image tokens [B, N, dim] (before norm_out) and the
+        timestep embedding temb [B, dim].
         """
         B, N, _ = tokens.shape
-        L, device, dtype = cap.shape[1], tokens.device, self.x_embedder.weight.dtype
+        embedder = self.pixel_embedder if self.cfg.pixel_head else self.x_embedder
+        L, device, dtype = cap.shape[1], tokens.device, embedder.weight.dtype
         h, w = grid
         sigma = sigma.to(device=device, dtype=torch.float32).expand(B)
         temb = self.time_guidance_embed["timestep_embedder"](1000 * sigma)  # [B, dim]
         mod_img, mod_txt = self.double_stream_modulation_img(temb), self.double_stream_modulation_txt(temb)
-        (mod_single,) = self.single_stream_modulation(temb)
+        mod_single = self.single_stream_modulation(temb) * self.cfg.num_single_layers  # one set per single block
+        for first, tail in getattr(self, "single_stream_modulation_tail", {}).items():
+            mod_single[int(first):] = tail(temb) * (len(mod_single) - int(first))
 
         ids = torch.zeros(1, L + N, 4, dtype=torch.long, device=device)  # the same for every sample
         ids[0, :L, 3] = torch.arange(L, device=device)
@@ -548,25 +561,28 @@ class Flux2DiT(nn.Module):
         ids[0, L:, 2] = torch.arange(w, device=device).repeat(h)
         rope = rope_freqs(ids, self.cfg.axes_dims_rope, self.cfg.rope_theta)  # [1, L + N, 1, head_dim / 2]
 
-        img = self.x_embedder(tokens.to(dtype))  # [B, N, dim]
+        img = embedder(tokens.to(dtype))  # [B, N, dim]
         txt = self.context_embedder(cap.to(dtype))  # [B, L, dim]
         for block in self.transformer_blocks:
             img, txt = self._run(block, img, txt, rope, mod_img, mod_txt)
         x = torch.cat([txt, img], dim=1)  # [B, L + N, dim]
-        for block in self.single_transformer_blocks:
-            x = self._run(block, x, rope, mod_single)
+        for block, mod in zip(self.single_transformer_blocks, mod_single):
+            x = self._run(block, x, rope, mod)
         return x[:, L:], temb
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor,
                 cap_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, in_channels, h, w] the packed latent, sigma [B], cap [B, L, joint_attention_dim] (L = 512 for the
-        source's features), cap_mask unused -> v = eps - x0 [B, in_channels, h, w] fp32."""
+        """x [B, in_channels, H, W]: the packed latent, or pixels for L2P; sigma [B], cap [B, L, joint_attention_dim]
+        (L = 512 for the source's features), cap_mask unused -> v = eps - x0 [B, in_channels, H, W] fp32."""
+        p = self.cfg.patch_size
         B, C, H, W = x.shape
-        if C != self.cfg.in_channels:
-            raise ValueError(f"input {tuple(x.shape)}: expected {self.cfg.in_channels} channels")
-        hidden, temb = self.transformer(x.flatten(2).transpose(1, 2), (H, W), sigma, cap, cap_mask)
-        out = self.proj_out(self.norm_out(hidden, temb))  # [B, N, C]
-        return out.transpose(1, 2).unflatten(2, (H, W)).float()
+        if C != self.cfg.in_channels or H % p or W % p:
+            raise ValueError(f"input {tuple(x.shape)}: expected {self.cfg.in_channels} channels and H, W multiples of "
+                             f"the patch {p}")
+        hidden, temb = self.transformer(patchify(x, p), (H // p, W // p), sigma, cap, cap_mask)
+        if self.cfg.pixel_head:  # L2P: the raw image tokens (text dropped) as a [B, dim, H/p, W/p] map, and the noisy image
+            return self.local_decoder(x.to(hidden.dtype), hidden.transpose(1, 2).unflatten(2, (H // p, W // p))).float()
+        return unpatchify(self.proj_out(self.norm_out(hidden, temb)), 1, H, W).float()
 
 
 
@@ -631,7 +647,8 @@ class DetailerHead(nn.Module):
         nn.init.zeros_(self.out_conv.weight)
 
     def forward(self, x: torch.Tensor, token_map: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W] noisy pixels, token_map [B, dim, H/p, W/p] -> [B, C, H, W] (x0 - eps, the source's sign)."""
+        """x [B, C, H, W] noisy pixels, token_map [B, dim, H/p, W/p] -> [B, C, H, W] in the source's sign (Z-Image:
+        x0 - eps, which ZImageDiT negates; FLUX.2: v = eps - x0)."""
         skips = []
         for name, _ in self.levels:
             skips.append(getattr(self, f"enc{name}")(x))
@@ -643,29 +660,51 @@ class DetailerHead(nn.Module):
         return self.out_conv(x)
 
 
-def l2p_config(source: ZImageConfig, patch_size: int = 16, head_width: int = 64) -> ZImageConfig:
+def l2p_config(source: "ZImageConfig | Flux2Config", patch_size: int = 16, head_width: int = 64):
     """The pixel model made from a latent source: same transformer, RGB patches of p x p, the Detailer Head."""
     return replace(source, in_channels=3, patch_size=patch_size, pixel_head=True, head_width=head_width)
 
 
-def set_trainable(model: "ZImageDiT", train_blocks: int = 5, strict: bool = False) -> tuple[int, int]:
-    """The L2P freeze policy, in one place. Returns (trainable, frozen) parameter counts.
+def new_model(cfg: "ZImageConfig | Flux2Config") -> "ZImageDiT | Flux2DiT":
+    return (Flux2DiT if isinstance(cfg, Flux2Config) else ZImageDiT)(cfg)
 
-    Default (the released code): main layers [n, n_layers - n) frozen, everything else in the DiT trains (first
-    and last n layers, refiners, timestep and caption embedders, pad tokens, patch embedder, head).
-    strict (the paper's wording): only the patch embedder, the first and last n layers and the head train.
+
+def set_trainable(model: "ZImageDiT | Flux2DiT", train_blocks: int = 5, strict: bool = False) -> tuple[int, int]:
+    """The L2P freeze policy, in one place: the first and last n blocks train, the middle stays frozen. Returns
+    (trainable, frozen) parameter counts.
+
+    Z-Image, default (the released code): main layers [n, n_layers - n) frozen, everything else in the DiT trains
+    (refiners, timestep and caption embedders, pad tokens, patch embedder, head). strict (the paper's wording): only
+    the patch embedder, the first and last n layers and the head train.
+    FLUX.2: the 5 double- and 20 single-stream blocks count as one stack in execution order (n = 5: all double
+    blocks and singles 15-19 train). A modulation shared by several blocks trains only if every block that reads
+    it trains (else a frozen block would change): the double-stream ones with all double blocks, the single-stream
+    one almost never (a private copy for the tail: cfg.single_tail), the timestep MLP that feeds them all only if
+    everything trains. The caption embedder trains, except under strict.
     """
-    n_layers = model.cfg.n_layers
-    if not 0 <= 2 * train_blocks <= n_layers:
-        raise ValueError(f"--train-blocks {train_blocks}: needs 0 <= 2n <= {n_layers} layers")
-    frozen_layers = {f"layers.{i}." for i in range(train_blocks, n_layers - train_blocks)}
-    trainable_prefixes = ("all_x_embedder.", "local_decoder.", "all_final_layer.")
-    trainable_prefixes += tuple(f"layers.{i}." for i in range(n_layers) if f"layers.{i}." not in frozen_layers)
+    if isinstance(model, ZImageDiT):
+        stack, always = [f"layers.{i}." for i in range(model.cfg.n_layers)], ["all_x_embedder.", "local_decoder.",
+                                                                          "all_final_layer."]
+        loose = ["noise_refiner.", "context_refiner.", "t_embedder.", "cap_embedder.", "x_pad_token", "cap_pad_token"]
+    else:
+        cfg = model.cfg
+        singles = [f"single_transformer_blocks.{i}." for i in range(cfg.num_single_layers)]
+        stack, always, loose = [f"transformer_blocks.{i}." for i in range(cfg.num_layers)] + singles, \
+            ["pixel_embedder.", "local_decoder."], ["context_embedder."]
+    n = train_blocks
+    if not 0 <= 2 * n <= len(stack):
+        raise ValueError(f"--train-blocks {n}: needs 0 <= 2n <= {len(stack)} blocks")
+    trained = set(stack[:n] + stack[len(stack) - n:])
+    if isinstance(model, Flux2DiT):
+        tail_from = cfg.num_single_layers - cfg.single_tail
+        readers = {"double_stream_modulation_img.": stack[:cfg.num_layers],
+                   "double_stream_modulation_txt.": stack[:cfg.num_layers],
+                   "single_stream_modulation.": singles[:tail_from], f"single_stream_modulation_tail.{tail_from}.":
+                   singles[tail_from:], "time_guidance_embed.": stack}
+        trained |= {shared for shared, blocks in readers.items() if set(blocks) <= trained}
+    prefixes = tuple(trained) + tuple(always) + (() if strict else tuple(loose))
     for name, p in model.named_parameters():
-        if strict:
-            p.requires_grad_(name.startswith(trainable_prefixes))
-        else:
-            p.requires_grad_(not name.startswith(tuple(frozen_layers)))
+        p.requires_grad_(name.startswith(prefixes))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters()) - trainable
 
@@ -1214,19 +1253,20 @@ TRAINED_FORMAT = "l2p-trained"  # train.py's checkpoints: only the trained tenso
 
 @dataclass
 class DiTCheckpoint:
-    """A DiT checkpoint on disk: its config, which layout it is in, and its tensors under our (diffusers) names.
-    `trained` (train.py output) overrides the tensors of the same names in `files` (the init)."""
-    cfg: ZImageConfig
+    """A DiT checkpoint on disk, of either family: its config, which layout it is in, and its tensors under our
+    (diffusers) names, `rename` taking a single file's own names there (ComfyUI's, BFL's). `trained` (train.py
+    output) overrides the tensors of the same names in `files` (the init)."""
+    cfg: "ZImageConfig | Flux2Config"
     layout: str
     files: list[Path]
     strip_prefix: str = ""
-    comfy: bool = False
+    rename: Callable | None = None
     trained: Path | None = None
 
     def tensors(self, meta: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         tensors = read_tensors(self.files, self.strip_prefix, meta=meta)
-        if self.comfy:
-            tensors = zimage_from_comfy(tensors, self.cfg.patch_size)
+        if self.rename is not None:
+            tensors = self.rename(tensors)
         if self.trained is None:
             yield from tensors
             return
@@ -1260,13 +1300,12 @@ def trained_init_path(path: Path, init: Path | None = None) -> Path | None:
     return init
 
 
-def open_dit_checkpoint(path, init: Path | None = None) -> DiTCheckpoint:
+def open_dit_checkpoint(path) -> DiTCheckpoint:
     """Detect the layout of a Z-Image or L2P checkpoint from its config or its keys; reads no tensor data.
 
     Accepts a Z-Image repo root, a transformer/ folder (sharded or not), or a single .safetensors file: diffusers
     names, ComfyUI names (fused qkv, optional 'model.diffusion_model.' prefix), or an L2P checkpoint (ours from
     convert.py, or the released merged 1K / 4K files). Single files get their config from the tensor shapes.
-    A train.py checkpoint is completed by its init: `init`, or the path it recorded.
     """
     path = Path(path)
     if path.is_dir():
@@ -1276,11 +1315,7 @@ def open_dit_checkpoint(path, init: Path | None = None) -> DiTCheckpoint:
                                   f"got {raw.get('all_patch_size')}")
         return DiTCheckpoint(config_from_json(ZImageConfig, folder / "config.json"), "diffusers folder",
                              safetensors_files(folder))
-    init = trained_init_path(single_file(path), init)
-    if init is not None:
-        base = open_dit_checkpoint(init)
-        return replace(base, layout=f"{base.layout} + trained tensors of {path.name}", trained=path)
-    shapes, strip = single_file_shapes(path)
+    shapes, strip = single_file_shapes(single_file(path))
     comfy = any(k.endswith(".attention.qkv.weight") for k in shapes)
     names = _normalise_dit_keys(shapes) if comfy else shapes
     pixel_head = any(k.startswith("local_decoder.") for k in names)
@@ -1294,7 +1329,7 @@ def open_dit_checkpoint(path, init: Path | None = None) -> DiTCheckpoint:
     patch_size = int(embedder.split(".")[1].split("-")[0])
     cfg = zimage_config_from_shapes(names, patch_size, in_channels=names[embedder][1] // patch_size ** 2,
                                     pixel_head=pixel_head)
-    return DiTCheckpoint(cfg, layout, [path], strip, comfy)
+    return DiTCheckpoint(cfg, layout, [path], strip, partial(zimage_from_comfy, patch_size=2) if comfy else None)
 
 
 # BFL single-file names -> diffusers names, for the keys that are a plain rename (block keys are handled below)
@@ -1366,14 +1401,21 @@ def flux2_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> Flux2Config:
     """A FLUX.2 config from diffusers-named shapes (map a BFL file's through flux2_from_bfl first). The RoPE split
     and theta are not in the file: FLUX.2's four equal axes and 2000."""
     count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix + ".")})
-    dim, in_channels = shapes["x_embedder.weight"]
+    pixel_head = "pixel_embedder.weight" in shapes  # L2P: in = p * p * 3
+    dim, in_channels = shapes["pixel_embedder.weight" if pixel_head else "x_embedder.weight"]
+    patch_size = round(math.sqrt(in_channels // 3)) if pixel_head else 1
     head_dim = shapes["single_transformer_blocks.0.attn.norm_q.weight"][0]
-    return Flux2Config(in_channels=in_channels, num_layers=count("transformer_blocks"),
-                       num_single_layers=count("single_transformer_blocks"), num_attention_heads=dim // head_dim,
-                       attention_head_dim=head_dim, joint_attention_dim=shapes["context_embedder.weight"][1],
+    singles = count("single_transformer_blocks")
+    tail = [int(k.split(".")[1]) for k in shapes if k.startswith("single_stream_modulation_tail.")]
+    return Flux2Config(in_channels=3 if pixel_head else in_channels, patch_size=patch_size,
+                       num_layers=count("transformer_blocks"), num_single_layers=singles,
+                       num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
+                       joint_attention_dim=shapes["context_embedder.weight"][1],
                        timestep_guidance_channels=shapes["time_guidance_embed.timestep_embedder.linear_1.weight"][1],
                        mlp_ratio=shapes["transformer_blocks.0.ff.linear_out.weight"][1] / dim,
-                       axes_dims_rope=(head_dim // 4,) * 4)
+                       axes_dims_rope=(head_dim // 4,) * 4, pixel_head=pixel_head,
+                       head_width=shapes["local_decoder.enc1.0.weight"][0] if pixel_head else 64,
+                       single_tail=singles - tail[0] if tail else 0)
 
 
 def guess_component(keys: Iterable[str]) -> str:
@@ -1393,21 +1435,7 @@ def guess_component(keys: Iterable[str]) -> str:
     return "an unknown checkpoint"
 
 
-@dataclass
-class Flux2Checkpoint:
-    """A FLUX.2 transformer on disk: its config, its layout, and its tensors under diffusers names."""
-    cfg: Flux2Config
-    layout: str
-    files: list[Path]
-    strip_prefix: str = ""
-    bfl: bool = False
-
-    def tensors(self, meta: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        tensors = read_tensors(self.files, self.strip_prefix, meta=meta)
-        return flux2_from_bfl(tensors) if self.bfl else tensors
-
-
-def open_flux2_checkpoint(path) -> Flux2Checkpoint:
+def open_flux2_checkpoint(path) -> DiTCheckpoint:
     """Detect the layout of a FLUX.2 transformer from its config or its keys; reads no tensor data.
 
     Accepts a FLUX.2 repo root, a diffusers transformer/ folder (one file or shards + index), or a single
@@ -1423,8 +1451,8 @@ def open_flux2_checkpoint(path) -> Flux2Checkpoint:
         if unsupported:
             raise CheckpointError(f"{folder}/config.json: {unsupported} is not FLUX.2 [klein]'s architecture (guidance "
                                   "embedding off, patch 1, out = in channels); only klein is supported")
-        return Flux2Checkpoint(config_from_json(Flux2Config, folder / "config.json"), "diffusers folder",
-                               safetensors_files(folder))
+        return DiTCheckpoint(config_from_json(Flux2Config, folder / "config.json"), "diffusers folder",
+                             safetensors_files(folder))
     shapes, strip = single_file_shapes(single_file(path))
     bfl = "single_stream_modulation.lin.weight" in shapes
     layout = ("single file, BFL names" if bfl else "single file, diffusers names") + (
@@ -1434,14 +1462,14 @@ def open_flux2_checkpoint(path) -> Flux2Checkpoint:
                               "supported")
     names = {k: tuple(t.shape) for k, t in flux2_from_bfl((k, torch.empty(s, device="meta"))
                                                           for k, s in shapes.items())} if bfl else shapes
-    required = ("x_embedder.weight", "context_embedder.weight", "single_stream_modulation.linear.weight",
+    required = ("context_embedder.weight", "single_stream_modulation.linear.weight",
                 "transformer_blocks.0.ff.linear_out.weight", "single_transformer_blocks.0.attn.norm_q.weight",
                 "time_guidance_embed.timestep_embedder.linear_1.weight")
-    if not all(k in names for k in required):
+    if not all(k in names for k in required) or not {"x_embedder.weight", "pixel_embedder.weight"} & names.keys():
         raise CheckpointError(f"{path} (read as {layout}) is not a FLUX.2 transformer: it looks like "
                               f"{guess_component(shapes)} ({len(shapes)} keys, first: {list(shapes)[:4]}). Pass "
                               "flux-2-klein-4b.safetensors, or a FLUX.2 repo root or transformer/ folder")
-    return Flux2Checkpoint(flux2_config_from_shapes(names), layout, [path], strip, bfl)
+    return DiTCheckpoint(flux2_config_from_shapes(names), layout, [path], strip, flux2_from_bfl if bfl else None)
 
 
 def detect_family(path, init: Path | None = None) -> str:
@@ -1462,9 +1490,15 @@ def detect_family(path, init: Path | None = None) -> str:
     return "flux2" if any(k.startswith("single_stream_modulation.") for k in keys) else "zimage"
 
 
-def open_checkpoint(path, init: Path | None = None) -> "DiTCheckpoint | Flux2Checkpoint":
-    """A DiT checkpoint of either family (detect_family), its layout detected; reads no tensor data."""
-    return open_flux2_checkpoint(path) if detect_family(path, init) == "flux2" else open_dit_checkpoint(path, init)
+def open_checkpoint(path, init: Path | None = None) -> DiTCheckpoint:
+    """A DiT checkpoint of either family (detect_family), its layout detected; reads no tensor data. A train.py
+    checkpoint is completed by its init: `init`, or the path it recorded."""
+    path = Path(path)
+    init = trained_init_path(path, init) if path.is_file() and path.suffix == ".safetensors" else None
+    if init is not None:
+        base = open_checkpoint(init)
+        return replace(base, layout=f"{base.layout} + trained tensors of {path.name}", trained=path)
+    return open_flux2_checkpoint(path) if detect_family(path) == "flux2" else open_dit_checkpoint(path)
 
 
 def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16, init: Path | None = None
@@ -1476,7 +1510,7 @@ def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16, init: Pa
     """
     checkpoint = open_checkpoint(path, init)
     with torch.device("meta"):
-        model = (Flux2DiT if isinstance(checkpoint.cfg, Flux2Config) else ZImageDiT)(checkpoint.cfg)
+        model = new_model(checkpoint.cfg)
     return assign_weights(model, checkpoint.tensors(), checkpoint.layout, device=device, dtype=dtype).eval()
 
 
@@ -1951,11 +1985,11 @@ def read_caption_features(path: Path, prompt: str | None = None) -> torch.Tensor
 
 
 def encode_to_cache(text_encoder, prompts: list[str], folder: Path | None, device, dtype: torch.dtype,
-                    progress: bool = False) -> dict[str, torch.Tensor]:
+                    progress: bool = False, family: str | None = None) -> dict[str, torch.Tensor]:
     """prompt -> its caption features, bf16 on the CPU, each prompt encoded on its own (so its rows never depend on
-    batch companions) and, with `folder`, written to the cache there. The text encoder is freed at the end: the DiT
-    needs the memory next."""
-    encoder, features = load_text_encoder(text_encoder, device=device, dtype=dtype), {}
+    batch companions) and, with `folder`, written to the cache there (FLUX.2's: all 512 positions x 7680, 7.5 MiB a
+    prompt). The text encoder is freed at the end: the DiT needs the memory next."""
+    encoder, features = load_text_encoder(text_encoder, device=device, dtype=dtype, family=family), {}
     for prompt in tqdm(prompts, desc="encoding prompts", unit="prompt", disable=not progress):
         cap, mask = encoder.encode([prompt])
         features[prompt] = cap[0, mask[0]].to("cpu", torch.bfloat16)

@@ -7,10 +7,12 @@ Sample images from an L2P pixel model, from 1K up to native 4K, and optionally f
 
 Defaults reproduce the released sampler: patch-16 models at 1024^2 with 30 steps and CFG 2.0, patch-64 models at
 4096^2 with 50 steps and CFG 4.0; shift 3; empty negative prompt; CFG written v = v_neg + cfg * (v_pos - v_neg).
+A pixel FLUX.2 [klein] model samples as klein-base does: 50 steps, CFG 4.0, shift exp(mu) for its token count.
 The prompts are encoded first and the 4B text encoder freed before the DiT is loaded.
 """
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
@@ -39,7 +41,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, help="Euler steps; default 30 (patch 16) or 50 (patch 64)")
     parser.add_argument("--cfg", type=float, help="CFG scale c, v = v_neg + c (v_pos - v_neg), 1 = off; default "
                                                   "2.0 (patch 16) or 4.0 (patch 64)")
-    parser.add_argument("--shift", type=float, default=3.0, help="static shift of the sigma grid")
+    parser.add_argument("--shift", type=float, help="static shift of the sigma grid (default 3; FLUX.2: exp(mu))")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image k of a prompt uses "
                                                             "seed + k, the same for every prompt")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -64,7 +66,7 @@ def parse_args(argv=None):
     for name in ("res", "width", "height", "steps", "num_images", "batch_size", "latent_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.shift <= 0:
+    if args.shift is not None and args.shift <= 0:
         parser.error(f"--shift must be positive, got {args.shift}")
     return args
 
@@ -84,9 +86,9 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def encode(text_encoder_path: str, prompts: list[str], device: str, dtype: torch.dtype):
+def encode(text_encoder_path: str, prompts: list[str], device: str, dtype: torch.dtype, family: str | None):
     """All prompts and the negative prompt at once, then the encoder is freed: the DiT needs the memory next."""
-    encoder = model.load_text_encoder(text_encoder_path, device=device, dtype=dtype)
+    encoder = model.load_text_encoder(text_encoder_path, device=device, dtype=dtype, family=family)
     features = [encoder.encode([p]) for p in prompts]
     encoder.release()
     return features
@@ -117,12 +119,15 @@ def run(dit, features, negative, jobs, size, steps, cfg, shift, args, vae=None, 
     return images
 
 
-def resolve_settings(args, patch: int) -> tuple[int, int, int, float]:
-    """width, height, steps, cfg: the released defaults for the model's patch unless the flags say otherwise."""
+def resolve_settings(args, patch: int, flux2: bool) -> tuple[int, int, int, float, float]:
+    """width, height, steps, cfg, shift: the released defaults for the model's patch (FLUX.2: klein-base's
+    sampler) unless the flags say otherwise."""
     res = args.res or 1024 * patch // 16
     width, height = args.width or res, args.height or res
-    steps = args.steps or (50 if patch >= 64 else 30)
-    cfg = args.cfg if args.cfg is not None else (4.0 if patch >= 64 else 2.0)
+    steps = args.steps or (50 if patch >= 64 or flux2 else 30)
+    cfg = args.cfg if args.cfg is not None else (4.0 if patch >= 64 or flux2 else 2.0)
+    mu = model.compute_empirical_mu((width // patch) * (height // patch), steps) if flux2 else None
+    shift = args.shift or (math.exp(mu) if flux2 else 3.0)
     if width % patch or height % patch:
         raise SystemExit(f"{width}x{height} is not a multiple of the model's {patch}-pixel patch: pick a size "
                          f"divisible by {patch} (e.g. {max(patch, width // patch * patch)}x"
@@ -130,7 +135,7 @@ def resolve_settings(args, patch: int) -> tuple[int, int, int, float]:
     if (width // patch) * (height // patch) > 4096:
         print(f"warning: {width}x{height} at patch {patch} is {(width // patch) * (height // patch):,d} tokens, more "
               "than the 4,096 the model was trained on (a patch-64 model keeps 4K at 64x64 tokens)")
-    return width, height, steps, cfg
+    return width, height, steps, cfg, shift
 
 
 def output_path(out: Path, prompt_index: int, seed: int, single: bool, suffix: str = "") -> Path:
@@ -153,31 +158,34 @@ def main(argv=None):
                          "text_encoder/ folder>")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if "cuda" in args.device else "fp32")]
 
-    patch = 16
+    patch, family = 16, None  # without --ckpt the text recipe is the --latent repo's
     if args.ckpt:
         checkpoint = model.open_checkpoint(args.ckpt, args.init)
         if not checkpoint.cfg.pixel_head:
             raise SystemExit(f"--ckpt {args.ckpt} is a latent transformer ({checkpoint.layout}), not an L2P pixel "
                              "model: make one with convert.py, or sample the source with --latent <repo>")
-        patch = checkpoint.cfg.patch_size
-    width, height, steps, cfg = resolve_settings(args, patch)
+        patch, family = checkpoint.cfg.patch_size, "flux2" if isinstance(checkpoint.cfg, model.Flux2Config) else "zimage"
+    if family and args.latent and model.pipeline_family(args.latent) != family:
+        raise SystemExit(f"--ckpt is an L2P model of {family}, --latent a {model.pipeline_family(args.latent)} repo: "
+                         "their prompts are encoded differently; sample them one at a time")
+    width, height, steps, cfg, shift = resolve_settings(args, patch, family == "flux2")
     jobs = [(i, args.seed + k) for i in range(len(prompts)) for k in range(args.num_images)]
     out = Path(args.out)
     single = len(jobs) == 1
     if out.suffix == ".png" and not single:
         raise SystemExit(f"--out {out} is one file but {len(jobs)} images are asked for: pass a folder")
 
-    features = encode(text_encoder, prompts + [args.negative_prompt], args.device, dtype)
+    features = encode(text_encoder, prompts + [args.negative_prompt], args.device, dtype, family)
     features, negative = features[:-1], features[-1]
     results = {}
     if args.ckpt:
         dit = model.load_model(args.ckpt, device=args.device, dtype=dtype, init=args.init)
-        results["l2p"] = run(dit, features, negative, jobs, (height, width), steps, cfg, args.shift, args)
+        results["l2p"] = run(dit, features, negative, jobs, (height, width), steps, cfg, shift, args)
         del dit
         for (i, seed), pixels in results["l2p"].items():
             model.save_png(output_path(out, i, seed, single), pixels,
                            {"prompt": prompts[i], "negative_prompt": args.negative_prompt, "seed": seed, "steps": steps,
-                      "cfg": cfg, "shift": args.shift, "checkpoint": Path(args.ckpt).name, "model": "l2p"})
+                      "cfg": cfg, "shift": shift, "checkpoint": Path(args.ckpt).name, "model": "l2p"})
     if args.latent:
         if width % 16 or height % 16:
             raise SystemExit(f"{width}x{height}: the latent source needs multiples of 16 (VAE x8, latent patch 2)")

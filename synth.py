@@ -15,7 +15,11 @@ Output, in --out:
   images/<prompt index:06d>_s<seed index>.png  8-bit RGB; prompt, seed, steps, cfg, shift, source in PNG text chunks
   features/<hash of the prompt>.safetensors    "cap" [L, D] bf16: the prompt's Qwen3 features, valid rows only, the
                                                prompt in the metadata (model.py's caption-feature cache, which
-                                               train.py reads); also the empty negative prompt's when CFG is on
+                                               train.py reads); also the empty negative prompt's when CFG is on.
+                                               Z-Image: ~100 x 2560 (~0.5 MiB a prompt); FLUX.2: all 512 positions x
+                                               7680, 7.5 MiB a prompt (75 GB for 10k prompts: the pads depend on the
+                                               prompt, so none can be dropped). Cached anyway: encoding on the fly
+                                               would keep the 8 GB encoder beside the DiT in training.
   metadata.jsonl                               one row per image, sorted by prompt index then seed index
   synth_config.json                            the corpus settings; a rerun with other settings is refused
   grid.png                                     thumbnails of the first images, for a quick look

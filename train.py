@@ -9,6 +9,7 @@ Train the L2P pixel model: the shallow layers learn pixels while the frozen midd
 The objective is written out in the loop (L2P.md): x0 in [-1, 1], sigma one of 1000 shift-3 steps, eps ~ N(0, I),
 x_sigma = (1 - sigma) x0 + sigma eps, plain fp32 MSE between v and eps - x0. Every draw is seeded by the sample's
 global position: any number of processes or micro-batches gives the same run, and --resume continues it exactly.
+An init converted from FLUX.2 [klein] trains the same way, on sigmas shifted as its sampler's (exp(mu), 7.56 at 1024^2).
 
 The network computes in --dtype (bf16 on CUDA, fp32 on the CPU); AdamW updates fp32 masters of the trained tensors
 (model.set_trainable's policy), copied back after each step. Gradients: in one process a post-accumulate-grad hook
@@ -72,7 +73,8 @@ def parse_args(argv=None):
     add("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = off")
     add("--warmup", type=int, default=100, help="linear learning-rate warmup in steps, constant after")
     add("--ema", type=float, default=0.0, help="EMA decay of the trained weights, e.g. 0.9999 (0 = off, as released)")
-    add("--shift", type=float, default=3.0, help="sigma shift s: sigma = s u / (1 + (s - 1) u)")
+    add("--shift", type=float, help="sigma shift s: sigma = s u / (1 + (s - 1) u); default the sampler's: 3 for "
+                                    "Z-Image, FLUX.2's exp(mu) for the token count at --res (7.56 at 1024^2)")
     add("--seed", type=int, default=0, help="seeds the data order, sigma and noise, sample by sample")
     add("--train-blocks", type=int, default=5, help="n: the first and last n main layers train (the paper: 5)")
     add("--strict-freeze", action="store_true", help="only the patch embedder, first/last n layers and head train "
@@ -92,7 +94,8 @@ def parse_args(argv=None):
     add("--workers", type=int, default=min(4, len(os.sched_getaffinity(0)) - 1),
         help="DataLoader worker processes per training process (default: up to 4, fewer than the cores)")
     add("--plan-only", action="store_true", help="print the memory plan of each mode and exit (no weights loaded)")
-    add("--size", choices=["real"], default="real", help="--plan-only without --init: the real 6.17B L2P")
+    add("--size", choices=["real", "flux2"], default="real", help="--plan-only without --init: the real 6.17B L2P of "
+                                                                  "Z-Image, or the 3.87B L2P of FLUX.2 [klein]")
     # logging, samples, checkpoints
     add("--log-every", type=int, default=10, help="print and append to log.jsonl every N steps")
     add("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
@@ -109,7 +112,7 @@ def parse_args(argv=None):
                             lr=0, weight_decay=0, grad_clip=0, ema=0).items():
         if getattr(args, name) is not None and getattr(args, name) < least:
             parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
-    if args.ema >= 1 or args.shift <= 0:
+    if args.ema >= 1 or (args.shift is not None and args.shift <= 0):
         parser.error("--ema must be below 1 and --shift positive")
     if not args.plan_only and None in (args.init, args.data, args.out):
         parser.error("--init, --data and --out are required (or --plan-only)")
@@ -140,6 +143,10 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
     cfg = l2p_config_of(args.init)
     if args.res % cfg.patch_size:
         raise SystemExit(f"--res {args.res} must be a multiple of the model's patch {cfg.patch_size}")
+    if args.shift is None:  # train on the sigmas the sampler uses at this size
+        tokens = (args.res // cfg.patch_size) ** 2
+        flux2 = isinstance(cfg, model.Flux2Config)
+        args.shift = math.exp(model.compute_empirical_mu(tokens, 50)) if flux2 else 3.0
     out.mkdir(parents=True, exist_ok=True)
     records = find_records(Path(args.data))
     negative, caption_tokens = prepare_features(records, args, cfg, device, rank, world)
@@ -161,7 +168,8 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
                     f" micro-batch {micro} x {n_micro} per process, global batch {args.batch_size}, {args.res}^2, "
                     f"captions up to {caption_tokens} tokens", plan))
     log({"event": "start", "step": start, "records": len(records), "trainable": trainable, "layout": layout,
-         "device": str(device), "dtype": args.dtype, "workers": args.workers, "head_lr_scales": weights.lr_scales}, f"{'resuming at' if state else 'starting at'} step {start} of "
+         "device": str(device), "dtype": args.dtype, "shift": args.shift, "workers": args.workers,
+         "head_lr_scales": weights.lr_scales}, f"{'resuming at' if state else 'starting at'} step {start} of "
         f"{args.max_steps}: {len(records)} samples, {trainable:,d} trainable params ({layout}), {device}, {args.dtype}"
         + (f", {len(weights.lr_scales)} head tensors at lr x {min(weights.lr_scales.values()):.3g}.."
            f"{max(weights.lr_scales.values()):.3g}" if weights.lr_scales else ""))
@@ -170,7 +178,7 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
     batches = iter(torch.utils.data.DataLoader(ImageCaptionDataset(records, args.res), batch_size=micro, sampler=order,
                                                collate_fn=collate, num_workers=args.workers,
                                                pin_memory=device.type == "cuda"))
-    dtype, bad_images, bad_in_a_row, window, clock = net.cap_pad_token.dtype, {}, 0, [], time.perf_counter()
+    dtype, bad_images, bad_in_a_row, window, clock = next(net.parameters()).dtype, {}, 0, [], time.perf_counter()
     torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
     for step in range(start + 1, args.max_steps + 1):
         micro_batches = [next(batches) for _ in range(n_micro)]
@@ -415,7 +423,9 @@ def prepare_features(records: list[Record], args, cfg: model.ZImageConfig, devic
         if rank == 0:
             print(f"text encoder: encoding {len(todo)} captions with {args.text_encoder} into {cache}")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model.encode_to_cache(args.text_encoder, todo[rank::world], cache, device, dtype) if todo[rank::world] else None
+        family = "flux2" if isinstance(cfg, model.Flux2Config) else "zimage"
+        if todo[rank::world]:
+            model.encode_to_cache(args.text_encoder, todo[rank::world], cache, device, dtype, family=family)
         dist.barrier() if dist.is_initialized() else None
     for r in records:
         r.features = r.features or str(model.caption_features_path(cache, r.caption))
@@ -546,9 +556,9 @@ def l2p_config_of(path) -> model.ZImageConfig:
 def load_for_training(path: Path, args, device: torch.device, master_device: torch.device):
     """The network (every weight in the compute dtype on `device`) and fp32 masters of its trained tensors (on
     master_device). Tensors stream from the file one at a time: frozen ones never exist in fp32."""
-    checkpoint = model.open_dit_checkpoint(path, init=args.init)
+    checkpoint = model.open_checkpoint(path, init=args.init)
     with torch.device("meta"):
-        net = model.ZImageDiT(checkpoint.cfg)
+        net = model.new_model(checkpoint.cfg)
     model.set_trainable(net, args.train_blocks, args.strict_freeze)
     trained = {n for n, p in net.named_parameters() if p.requires_grad}
     dtype, masters = torch.bfloat16 if args.dtype == "bf16" else torch.float32, {}
@@ -583,7 +593,7 @@ GIB = 2 ** 30
 def plan_counts(cfg: model.ZImageConfig, train_blocks: int, strict: bool) -> dict:
     """Parameter counts of the freeze policy, from a meta-device model (no memory)."""
     with torch.device("meta"):
-        net = model.ZImageDiT(cfg)
+        net = model.new_model(cfg)
     trainable, frozen = model.set_trainable(net, train_blocks, strict)
     sizes = [p.numel() for p in net.parameters() if p.requires_grad]
     return dict(trainable=trainable, frozen=frozen, largest=max(sizes), head=[c for _, c in net.local_decoder.levels])
@@ -592,9 +602,13 @@ def plan_counts(cfg: model.ZImageConfig, train_blocks: int, strict: bool) -> dic
 def activation_bytes(cfg: model.ZImageConfig, head: list[int], res: int, micro_batch: int, caption_tokens: int,
                      elem: int, checkpointing: bool) -> int:
     """Activations of one forward + backward pass (micro-batch at res x res, captions of caption_tokens)."""
-    n_img, n_cap = model.round_up((res // cfg.patch_size) ** 2), model.round_up(caption_tokens)
-    block = lambda s: s * (BLOCK_DIM_ROWS * cfg.dim + BLOCK_FFN_ROWS * cfg.ffn_dim) * elem
-    runs = [n_img] * cfg.n_refiner_layers + [n_cap] * cfg.n_refiner_layers + [n_img + n_cap] * cfg.n_layers
+    if isinstance(cfg, model.Flux2Config):  # a double block counts as one block per stream; captions are not padded
+        n_img, n_cap, ffn = (res // cfg.patch_size) ** 2, caption_tokens, cfg.mlp_hidden
+        runs = [n_img, n_cap] * cfg.num_layers + [n_img + n_cap] * cfg.num_single_layers
+    else:
+        n_img, n_cap, ffn = model.round_up((res // cfg.patch_size) ** 2), model.round_up(caption_tokens), cfg.ffn_dim
+        runs = [n_img] * cfg.n_refiner_layers + [n_cap] * cfg.n_refiner_layers + [n_img + n_cap] * cfg.n_layers
+    block = lambda s: s * (BLOCK_DIM_ROWS * cfg.dim + BLOCK_FFN_ROWS * ffn) * elem
     # with checkpointing each block keeps its input and one block at a time is recomputed in full
     dit = sum(runs) * cfg.dim * elem + block(n_img + n_cap) if checkpointing else sum(block(s) for s in runs)
     decoder, c_in, side = 0, cfg.in_channels, res
@@ -655,10 +669,12 @@ def format_plan(title: str, plan: dict) -> str:
 
 def print_plans(args):
     """--plan-only: the plan of each mode for the real-size L2P (or --init's size), without loading weights."""
-    cfg = l2p_config_of(args.init) if args.init else model.l2p_config(model.ZImageConfig(), 16)
+    source = model.Flux2Config() if args.size == "flux2" else model.ZImageConfig()
+    cfg = l2p_config_of(args.init) if args.init else model.l2p_config(source, 16)
     counts = plan_counts(cfg, args.train_blocks, args.strict_freeze)
     elem = 4 if args.dtype == "fp32" else 2
-    print(f"L2P p={cfg.patch_size} dim={cfg.dim} layers={cfg.n_layers}: {counts['trainable'] + counts['frozen']:,d} "
+    print(f"L2P of {type(cfg).__name__.removesuffix('Config')}, p={cfg.patch_size}, dim={cfg.dim}: "
+          f"{counts['trainable'] + counts['frozen']:,d} "
           f"params, {counts['trainable']:,d} trainable (--train-blocks {args.train_blocks}"
           f"{', strict' if args.strict_freeze else ''}), {args.res}^2, captions of 512 tokens (the maximum), "
           f"{args.dtype or 'bf16'}, gradient checkpointing {'on' if args.grad_checkpointing else 'off'}")

@@ -134,7 +134,7 @@ def sampler_settings(args, images_per_prompt: int) -> dict:
         if not path.exists():
             raise SystemExit(f"{flag} {path} does not exist")
     try:  # headers only: a wrong file fails now, not after the text encoder has run
-        cfg = model.open_dit_checkpoint(checkpoint).cfg
+        cfg = model.open_checkpoint(checkpoint).cfg
     except model.CheckpointError as e:
         raise SystemExit(f"--ckpt/--latent {checkpoint}: {e}") from None
     if cfg.pixel_head != (kind == "l2p"):

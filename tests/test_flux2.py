@@ -18,19 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import model
 import model as flux2  # the FLUX.2 parts of model.py, named as such below
-from tiny import make_diffusers_dit, randomise_, read_format, to_comfy
+from tiny import KLEIN_SCHEDULER, TINY_FLUX2_DIT as TINY_DIT, make_diffusers_dit, make_flux2_dit as make_ref_dit
+from tiny import make_flux2_vae as make_ref_vae, make_tiny_klein_repo, randomise_, read_format, set_distilled, to_comfy
 from tiny_text import make_tiny_text_encoder
 from tiny_vae import ldm_vae_name, ldm_vae_state_dict, save_tiny_vae
 
-TINY_DIT = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=256, mlp_ratio=3.0,
-                axes_dims_rope=(4, 4, 4, 4), rope_theta=2000, eps=1e-6, guidance_embeds=False)
 TINY_CFG = flux2.Flux2Config(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
                              num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 4, 4, 4))
-TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-KLEIN_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                       max_shift=1.15, time_shift_type="exponential")
 CAP_LENS = (1, 7, 40)
 
 
@@ -39,13 +33,6 @@ def rel(a, b):
 
 
 # ---- DiT ----
-
-def make_ref_dit(seed=0, **overrides):
-    from diffusers import Flux2Transformer2DModel
-
-    torch.manual_seed(seed)
-    return randomise_(Flux2Transformer2DModel(**{**TINY_DIT, **overrides}), seed).eval()
-
 
 def inputs(B=2, h=3, w=5, L=7, seed=1, channels=16, cap_dim=24):
     g = torch.Generator().manual_seed(seed)
@@ -273,29 +260,6 @@ def test_wrong_files_name_the_layout_seen(ref, tmp_path):
 
 # ---- VAE ----
 
-def make_ref_vae(seed=0):
-    """AutoencoderKLFlux2 with every parameter random and non-trivial bn statistics (0/1 would hide a missing
-    normalisation). Convolutions are scaled down so that each GroupNorm sees a small variance, as tests/tiny_vae."""
-    from diffusers import AutoencoderKLFlux2
-
-    vae = AutoencoderKLFlux2(**TINY_VAE).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in vae.modules():
-            if isinstance(module, nn.GroupNorm):
-                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=gen))
-                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=gen))
-            elif isinstance(module, (nn.Conv2d, nn.Linear)):
-                gain = 0.1 if isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1) else 1.0
-                module.weight.copy_(gain / module.weight[0].numel() ** 0.5 * torch.randn(module.weight.shape,
-                                                                                        generator=gen))
-                module.bias.copy_(0.02 * torch.randn(module.bias.shape, generator=gen))
-        vae.bn.running_mean.copy_(0.05 * torch.randn(vae.bn.running_mean.shape, generator=gen))
-        vae.bn.running_var.copy_(0.01 * (0.2 + torch.rand(vae.bn.running_var.shape, generator=gen)))
-        vae.bn.num_batches_tracked.fill_(1234)
-    return vae
-
-
 def bfl_vae_state(vae, prefix=""):
     """AutoencoderKLFlux2 -> BFL ae.safetensors names: FLUX.1's LDM names (tests/tiny_vae), the 1x1 convs inside
     encoder / decoder."""
@@ -481,20 +445,7 @@ SEEDS = [11, 12]
 
 @pytest.fixture(scope="module")
 def klein_repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("FLUX.2-klein-tiny")
-    text = make_tiny_text_encoder(root)
-    make_ref_vae().save_pretrained(root / "vae")
-    make_ref_dit(seed=3, in_channels=16, joint_attention_dim=3 * text["hidden_size"]).save_pretrained(
-        root / "transformer")
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "FlowMatchEulerDiscreteScheduler", **KLEIN_SCHEDULER}))
-    return root
-
-
-def set_distilled(root: Path, distilled: bool):
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline",
-                                                       "is_distilled": distilled}))
+    return make_tiny_klein_repo(tmp_path_factory.mktemp("FLUX.2-klein-tiny"), distilled=True, text_layers=3)
 
 
 @pytest.fixture(scope="module")
@@ -588,15 +539,7 @@ def test_load_vae_reads_flux2s_vae_too(klein_repo):
 def klein_base_repo(tmp_path_factory):
     """A klein-base repo whose tiny Qwen3 has the 27+ layers that FLUX.2's hidden states 9, 18, 27 need, as the
     scripts read it (no layers= override)."""
-    root = tmp_path_factory.mktemp("FLUX.2-klein-base-tiny")
-    text = make_tiny_text_encoder(root, num_layers=28)
-    make_ref_vae().save_pretrained(root / "vae")
-    make_ref_dit(seed=4, in_channels=16, joint_attention_dim=3 * text["hidden_size"]).save_pretrained(
-        root / "transformer")
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(KLEIN_SCHEDULER))
-    set_distilled(root, False)
-    return root
+    return make_tiny_klein_repo(tmp_path_factory.mktemp("FLUX.2-klein-base-tiny"), distilled=False, seed=4)
 
 
 def test_synth_and_sample_take_a_flux2_source(klein_base_repo, tmp_path):
@@ -631,13 +574,3 @@ def test_synth_and_sample_take_a_flux2_source(klein_base_repo, tmp_path):
                               **settings)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "latent_latent.png").convert("RGB")),
                           model.to_uint8(expected)[0])
-
-
-def test_scripts_say_a_flux2_transformer_is_not_an_l2p_model(klein_base_repo, tmp_path):
-    import convert
-    import train
-
-    with pytest.raises(SystemExit, match="FLUX.2 transformer: its L2P conversion is not built yet"):
-        convert.main(["--src", str(klein_base_repo), "--out", str(tmp_path / "x.safetensors")])
-    with pytest.raises(SystemExit, match="latent source checkpoint"):
-        train.l2p_config_of(klein_base_repo)

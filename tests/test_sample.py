@@ -78,8 +78,8 @@ def test_latent_source_side_by_side(ckpt, repo, tmp_path):
 
 def test_defaults_follow_the_patch():
     args = sample.parse_args([])
-    assert sample.resolve_settings(args, 16) == (1024, 1024, 30, 2.0)
-    assert sample.resolve_settings(args, 64) == (4096, 4096, 50, 4.0)
+    assert sample.resolve_settings(args, 16, False) == (1024, 1024, 30, 2.0, 3.0)
+    assert sample.resolve_settings(args, 64, False) == (4096, 4096, 50, 4.0, 3.0)
 
 
 def test_clear_errors(ckpt, repo, tmp_path, capsys):
@@ -92,5 +92,5 @@ def test_clear_errors(ckpt, repo, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(SystemExit, match="holds no prompt"):
         run(ckpt, repo, tmp_path, "--prompts", str(tmp_path / "empty.txt"))
-    sample.resolve_settings(sample.parse_args(["--res", "4096"]), 16)
+    sample.resolve_settings(sample.parse_args(["--res", "4096"]), 16, False)
     assert "65,536 tokens" in capsys.readouterr().out

@@ -389,7 +389,7 @@ def test_nan_losses_stop_the_run_with_a_checkpoint(init, synth, tmp_path, monkey
 def test_bad_inputs_give_clear_errors(repo, init, synth, tmp_path):
     cases = [(["--res", "40"], "--res 40 must be a multiple of the model's patch 16"),
              (["--micro-batch", "3"], "--micro-batch 3 must divide the per-process batch 4"),
-             (["--train-blocks", "2"], "needs 0 <= 2n <= 3 layers")]
+             (["--train-blocks", "2"], "needs 0 <= 2n <= 3 blocks")]
     for extra, message in cases:
         with pytest.raises(SystemExit, match=re.escape(message)):
             run(init, synth, tmp_path / "x", "--max-steps", "1", *extra)

@@ -131,3 +131,65 @@ def give_head_an_output(ckpt: Path, seed: int = 0) -> Path:
     state["local_decoder.out_conv.weight"] = random.to(weight.dtype)
     save_file(state, str(ckpt), metadata=metadata)
     return ckpt
+
+
+# ---- FLUX.2 [klein] ----
+
+TINY_FLUX2_DIT = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                      num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=256, mlp_ratio=3.0,
+                      axes_dims_rope=(4, 4, 4, 4), rope_theta=2000, eps=1e-6, guidance_embeds=False)
+TINY_FLUX2_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+KLEIN_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                       max_shift=1.15, time_shift_type="exponential")
+
+
+def make_flux2_dit(seed: int = 0, **overrides):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return randomise_(Flux2Transformer2DModel(**{**TINY_FLUX2_DIT, **overrides}), seed).eval()
+
+
+def make_flux2_vae(seed: int = 0):
+    """AutoencoderKLFlux2 with every parameter random and non-trivial bn statistics (0/1 would hide a missing
+    normalisation). Convolutions are scaled down so that each GroupNorm sees a small variance, as tests/tiny_vae."""
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(**TINY_FLUX2_VAE).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=gen))
+                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=gen))
+            elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                gain = 0.1 if isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1) else 1.0
+                module.weight.copy_(gain / module.weight[0].numel() ** 0.5 * torch.randn(module.weight.shape,
+                                                                                        generator=gen))
+                module.bias.copy_(0.02 * torch.randn(module.bias.shape, generator=gen))
+        vae.bn.running_mean.copy_(0.05 * torch.randn(vae.bn.running_mean.shape, generator=gen))
+        vae.bn.running_var.copy_(0.01 * (0.2 + torch.rand(vae.bn.running_var.shape, generator=gen)))
+        vae.bn.num_batches_tracked.fill_(1234)
+    return vae
+
+
+def set_distilled(root: Path, distilled: bool):
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline",
+                                                       "is_distilled": distilled}))
+
+
+def make_tiny_klein_repo(root: Path, distilled: bool, text_layers: int = 28, seed: int = 3) -> Path:
+    """A FLUX.2 [klein] repo root in the published layout with tiny random weights. The scripts read FLUX.2's
+    hidden states 9, 18 and 27, which need a Qwen3 of 27+ layers; a 3-layer one serves tests that pass layers=."""
+    from tiny_text import make_tiny_text_encoder
+
+    root = Path(root)
+    text = make_tiny_text_encoder(root, num_layers=text_layers)
+    make_flux2_vae().save_pretrained(root / "vae")
+    make_flux2_dit(seed=seed, joint_attention_dim=3 * text["hidden_size"]).save_pretrained(root / "transformer")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", **KLEIN_SCHEDULER}))
+    set_distilled(root, distilled)
+    return root
