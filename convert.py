@@ -105,7 +105,8 @@ def main(argv=None):
     with torch.device("meta"):
         target = model.new_model(target_cfg).state_dict()
     # the tail's private modulation starts as a copy of the shared one
-    aliases = {k: "single_stream_modulation.linear.weight" for k in target if k.startswith("single_stream_modulation_tail.")}
+    aliases = {k: "single_stream_modulation.linear.weight" for k in target
+               if k.startswith("single_stream_modulation_tail.")}
 
     copied, dropped = {}, {}
     for key, spec in source.tensors(meta=True):

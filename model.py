@@ -580,7 +580,7 @@ class Flux2DiT(nn.Module):
             raise ValueError(f"input {tuple(x.shape)}: expected {self.cfg.in_channels} channels and H, W multiples of "
                              f"the patch {p}")
         hidden, temb = self.transformer(patchify(x, p), (H // p, W // p), sigma, cap, cap_mask)
-        if self.cfg.pixel_head:  # L2P: the raw image tokens (text dropped) as a [B, dim, H/p, W/p] map, and the noisy image
+        if self.cfg.pixel_head:  # L2P: the raw image tokens (text dropped) as a [B, dim, H/p, W/p] map, + the noisy image
             return self.local_decoder(x.to(hidden.dtype), hidden.transpose(1, 2).unflatten(2, (H // p, W // p))).float()
         return unpatchify(self.proj_out(self.norm_out(hidden, temb)), 1, H, W).float()
 
@@ -1563,8 +1563,8 @@ def flux_vae_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> FluxVAECo
     if any(c % 32 for c in channels):
         raise CheckpointError(f"a VAE with channels {channels} cannot use 32 GroupNorm groups; put its config.json "
                               "beside it (a diffusers vae/ folder) or pass load_vae(config=...)")
-    return FluxVAEConfig(in_channels=shapes["encoder.conv_in.weight"][1], out_channels=shapes["decoder.conv_out.weight"][0],
-                         latent_channels=shapes["decoder.conv_in.weight"][1], block_out_channels=channels,
+    return FluxVAEConfig(in_channels=shapes["encoder.conv_in.weight"][1],
+                         out_channels=shapes["decoder.conv_out.weight"][0], latent_channels=shapes["decoder.conv_in.weight"][1], block_out_channels=channels,
                          layers_per_block=len({k.split(".")[4] for k in shapes
                                                if k.startswith("encoder.down_blocks.0.resnets.")}))
 

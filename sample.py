@@ -164,7 +164,8 @@ def main(argv=None):
         if not checkpoint.cfg.pixel_head:
             raise SystemExit(f"--ckpt {args.ckpt} is a latent transformer ({checkpoint.layout}), not an L2P pixel "
                              "model: make one with convert.py, or sample the source with --latent <repo>")
-        patch, family = checkpoint.cfg.patch_size, "flux2" if isinstance(checkpoint.cfg, model.Flux2Config) else "zimage"
+        patch = checkpoint.cfg.patch_size
+        family = "flux2" if isinstance(checkpoint.cfg, model.Flux2Config) else "zimage"
     if family and args.latent and model.pipeline_family(args.latent) != family:
         raise SystemExit(f"--ckpt is an L2P model of {family}, --latent a {model.pipeline_family(args.latent)} repo: "
                          "their prompts are encoded differently; sample them one at a time")

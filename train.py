@@ -313,7 +313,7 @@ def records_from_shards(shards: list[Path]) -> list[Record]:
         try:
             tar = tarfile.open(shard, "r:")  # uncompressed only: members are then read by offset, in any order
         except tarfile.ReadError as e:
-            raise SystemExit(f"{shard}: not an uncompressed tar ({e}); webdataset shards are plain .tar files") from None
+            raise SystemExit(f"{shard}: not an uncompressed tar ({e}); webdataset shards are plain .tar") from None
         samples: dict[str, dict] = {}
         with tar:
             for member in (m for m in tar if m.isfile()):
@@ -678,10 +678,11 @@ def print_plans(args):
           f"params, {counts['trainable']:,d} trainable (--train-blocks {args.train_blocks}"
           f"{', strict' if args.strict_freeze else ''}), {args.res}^2, captions of 512 tokens (the maximum), "
           f"{args.dtype or 'bf16'}, gradient checkpointing {'on' if args.grad_checkpointing else 'off'}")
-    for title, low, world, micro, zero in [("standard, micro-batch 1, 8 GPUs (the paper's setup)", False, 8, 1, False),
-                                           ("standard + ZeRO, micro-batch 1, 8 GPUs", False, 8, 1, True),
-                                           ("standard, micro-batch 1, 1 GPU (batch 8 by accumulation)", False, 1, 1, False),
-                                           ("low memory, micro-batch 1, 1 GPU (24 GB card)", True, 1, 1, False)]:
+    modes = [("standard, micro-batch 1, 8 GPUs (the paper's setup)", False, 8, 1, False),
+             ("standard + ZeRO, micro-batch 1, 8 GPUs", False, 8, 1, True),
+             ("standard, micro-batch 1, 1 GPU (batch 8 by accumulation)", False, 1, 1, False),
+             ("low memory, micro-batch 1, 1 GPU (24 GB card)", True, 1, 1, False)]
+    for title, low, world, micro, zero in modes:
         print(format_plan(title, memory_plan(cfg, counts, res=args.res, micro_batch=micro, caption_tokens=512,
                                              elem=elem, low_memory=low, world=world, zero=zero, ema=args.ema > 0,
                                              checkpointing=args.grad_checkpointing)))

@@ -246,8 +246,8 @@ def write_report(results: dict, out: Path):
     lines += ["", f"L2P / source: {results['l2p_over_source']:.1%} (the paper's GenEval ratio: 93%)",
               f"trainable fraction: L2P {results['trainable_fraction']['l2p']:.1%}, scratch 100%", "",
               "| step | model | ShapeEval | validation loss | prompt effect |", "|---|---|---|---|---|"]
-    lines += [f"| {p['step']} | {name} | {p[name]:.3f} | {p[name + '_val_loss']:.4f} | {p[name + '_prompt_effect']:.3f} |"
-              for p in results["curve"] for name in CURVE_COLOURS if name in p]
+    lines += [f"| {p['step']} | {name} | {p[name]:.3f} | {p[name + '_val_loss']:.4f} | "
+              f"{p[name + '_prompt_effect']:.3f} |" for p in results["curve"] for name in CURVE_COLOURS if name in p]
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["seconds"].items()]
     model.atomic_write(out / "results.md", ("\n".join(lines) + "\n").encode())
@@ -442,7 +442,8 @@ def eval_source(source: Path, manifest: dict, device: str) -> dict:
     recon = toysource.vae_score(model.load_vae(source), plan, "cpu")
     for name, now, then in (("source", score, manifest["shapeeval"]), ("VAE", recon, manifest["vae_reconstructions"])):
         print(f"{name}: ShapeEval {now['overall']:.3f} (manifest {then['overall']:.3f}, difference "
-              f"{now['overall'] - then['overall']:+.3f}); " + ", ".join(f"{t} {v:.2f}" for t, v in now["per_task"].items()))
+              f"{now['overall'] - then['overall']:+.3f}); " +
+              ", ".join(f"{task} {value:.2f}" for task, value in now["per_task"].items()))
     return {"shapeeval": score, "vae_reconstructions": recon}
 
 

@@ -388,7 +388,8 @@ def train_source(plan: SourcePlan, work: Path, device, seed: int = 0, target: Pa
     text_full.model.load_state_dict(trained["text"].state_dict(), strict=False)  # the layers it uses are trained
     text_full.to(torch.bfloat16).save_pretrained(tmp / "text_encoder")
     shutil.copytree(vae_file, tmp / "vae")
-    write_component(tmp / "transformer", trained["dit"], dit_config_json(TOY_DIT), "diffusion_pytorch_model.safetensors")
+    write_component(tmp / "transformer", trained["dit"], dit_config_json(TOY_DIT),
+                    "diffusion_pytorch_model.safetensors")
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": SHIFT,
