@@ -157,7 +157,8 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
     net, masters, layout = load_for_training(out / "trained.safetensors" if state else Path(args.init), args, device,
                                              torch.device("cpu") if low_memory else device)
     weights = MasterWeights(net, masters, args, hook=world == 1 and not low_memory, zero=zero)
-    weights.load_state(shards, out / "trained_ema.safetensors") if state else None
+    if state:
+        weights.load_state(shards, out / "trained_ema.safetensors")
     del masters, shards
     ddp = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None, init_sync=False,
                                   gradient_as_bucket_view=True) if world > 1 else None
@@ -179,7 +180,8 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
                                                collate_fn=collate, num_workers=args.workers,
                                                pin_memory=device.type == "cuda"))
     dtype, bad_images, bad_in_a_row, window, clock = next(net.parameters()).dtype, {}, 0, [], time.perf_counter()
-    torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for step in range(start + 1, args.max_steps + 1):
         micro_batches = [next(batches) for _ in range(n_micro)]
         for index, error in (e for mb in micro_batches for e in mb["errors"] if e[0] not in bad_images):
@@ -236,8 +238,10 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
             path = write_samples(net, [r.features for r in records[:args.sample_count]], negative, args, step, out)
             log({"event": "samples", "step": step, "path": str(path)}, f"samples: {path}")
 
-    everyone = [None] * world
-    dist.all_gather_object(everyone, bad_images) if world > 1 else everyone.__setitem__(0, bad_images)
+    everyone = [bad_images]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, bad_images)
     names = sorted({records[i].name for part in everyone for i in part})
     log({"event": "summary", "step": args.max_steps, **counters, "unreadable": names},
         f"done at step {args.max_steps}: {counters['bad_steps']} skipped steps, {counters['skipped_images']} image "
@@ -258,8 +262,14 @@ def seeded(seed: int, stream: str, position: int, device="cpu") -> torch.Generat
 
 
 def all_sum(value: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(value) if dist.is_initialized() else None
+    if dist.is_initialized():
+        dist.all_reduce(value)
     return value
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -332,7 +342,8 @@ def records_from_shards(shards: list[Path]) -> list[Record]:
             member = sample["image"]
             records.append(Record(str(shard), sample["caption"], offset=member.offset_data, size=member.size,
                                   name=f"{shard.name}:{member.name}"))
-    print(f"data: {incomplete} keys in the shards lack an image or a caption and are left out") if incomplete else None
+    if incomplete:
+        print(f"data: {incomplete} keys in the shards lack an image or a caption and are left out")
     return records
 
 
@@ -426,7 +437,7 @@ def prepare_features(records: list[Record], args, cfg: model.ZImageConfig, devic
         family = "flux2" if isinstance(cfg, model.Flux2Config) else "zimage"
         if todo[rank::world]:
             model.encode_to_cache(args.text_encoder, todo[rank::world], cache, device, dtype, family=family)
-        dist.barrier() if dist.is_initialized() else None
+        barrier()  # every rank's captions are on disk before any rank reads them
     for r in records:
         r.features = r.features or str(model.caption_features_path(cache, r.caption))
     missing = [r for r in records if not Path(r.features).exists()]
@@ -572,7 +583,8 @@ def load_for_training(path: Path, args, device: torch.device, master_device: tor
     model.assign_weights(net, stream(), checkpoint.layout, device=device, dtype=dtype)
     model.set_trainable(net, args.train_blocks, args.strict_freeze)  # assignment made new Parameter objects
     net.gradient_checkpointing = args.grad_checkpointing
-    model.compile_blocks(net) if args.compile else None
+    if args.compile:
+        model.compile_blocks(net)
     return net.train(), masters, checkpoint.layout
 
 
@@ -712,13 +724,13 @@ def save_checkpoint(out: Path, weights: MasterWeights, step: int, counters: dict
     if zero and rank > 0:
         model.atomic_write(out / f"train_state.rank{rank}.pt", lambda f: torch.save(
             {"step": step, "adamw": weights.state()}, f))
-    dist.barrier() if dist.is_initialized() else None
+    barrier()
     if rank == 0:
         state = {"step": step, "adamw": weights.state(), "world": world, "counters": counters,
                  "samples_seen": step * args.batch_size, "settings": run_settings(args, records),
                  "shards": [f"train_state.rank{r}.pt" for r in range(1, world)] if zero else []}
         model.atomic_write(out / "train_state.pt", lambda f: torch.save(state, f))
-    dist.barrier() if dist.is_initialized() else None
+    barrier()
 
 
 def load_train_state(out: Path, args, records) -> tuple[dict, list[dict]]:

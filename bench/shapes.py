@@ -243,7 +243,10 @@ def write_report(results: dict, out: Path):
     for task in [*shapeworld.TASKS, "overall"]:
         row = [scores[n]["per_task"][task] if task != "overall" else scores[n]["overall"] for n in names]
         lines.append(f"| {task} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
-    lines += ["", f"L2P / source: {results['l2p_over_source']:.1%} (the paper's GenEval ratio: 93%)",
+    lines += ["", f"L2P / source: {results['l2p_over_source']:.1%} (the paper's GenEval ratio: 93%); first step "
+              "where L2P reaches a share of the source (scratch there): " + ", ".join(
+                  f"{share} at {m['step']} ({m['scratch']:.3f})" if m else f"{share} not reached"
+                  for share, m in results["milestones"].items()),
               f"trainable fraction: L2P {results['trainable_fraction']['l2p']:.1%}, scratch 100%", "",
               "| step | model | ShapeEval | validation loss | prompt effect |", "|---|---|---|---|---|"]
     lines += [f"| {p['step']} | {name} | {p[name]:.3f} | {p[name + '_val_loss']:.4f} | "
@@ -414,8 +417,12 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
     curve = [{"step": points[0]["step"], **{k: v for name, p in zip(curves, points) for k, v in (
         (name, p["overall"]), (f"{name}_val_loss", p["val_loss"]), (f"{name}_prompt_effect", p["prompt_effect"]))}}
         for points in zip(*curves.values())]
+    # the paper's GenEval ratio (L2P / source) is 0.93: the first curve point where L2P reaches each share of the source
+    milestones = {f"{share:.0%}": next(({"step": p["step"], "l2p": p["l2p"], "scratch": p["scratch"]} for p in curve
+                                        if p["l2p"] >= share * scores["source"]["overall"]), None)
+                  for share in (0.5, 0.8, 0.93)}
     results = {
-        "mode": mode, "plan": asdict(plan),
+        "mode": mode, "plan": asdict(plan), "milestones": milestones,
         "source": {"sha256": hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest(),
                    "shapeeval_full_protocol": manifest["shapeeval"]["overall"], "commit": manifest["commit"]},
         "overall": {name: scores[name]["overall"] for name in scores},

@@ -463,7 +463,7 @@ def flux2_runners(ours: nn.Module, cfg: model.Flux2Config, dtype: torch.dtype, x
         from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
         with torch.device("meta"):
             ref = Flux2Transformer2DModel(patch_size=1, guidance_embeds=False, **{
-                k: v for k, v in asdict(cfg).items() if k != "patch_size"})
+                k: v for k, v in asdict(cfg).items() if k not in ("patch_size", "single_tail")})
         ref = share_weights(ref, ours)
         tokens, ids = xd.flatten(2).transpose(1, 2), Flux2KleinPipeline._prepare_latent_ids(xd)
         runners["diffusers"] = (lambda: ref(
