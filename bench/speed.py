@@ -34,6 +34,7 @@ import gc
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -461,9 +462,10 @@ def flux2_runners(ours: nn.Module, cfg: model.Flux2Config, dtype: torch.dtype, x
     runners["ours"] = (lambda: ours(xd, sigma, capd, mask), f"model.Flux2DiT ({Path(model.__file__).name})")
     try:
         from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+        known = inspect.signature(Flux2Transformer2DModel.__init__).parameters
         with torch.device("meta"):
-            ref = Flux2Transformer2DModel(patch_size=1, guidance_embeds=False, **{
-                k: v for k, v in asdict(cfg).items() if k not in ("patch_size", "single_tail")})
+            ref = Flux2Transformer2DModel(patch_size=1, guidance_embeds=False, **{  # l2p's own fields left out
+                k: v for k, v in asdict(cfg).items() if k in known and k != "patch_size"})
         ref = share_weights(ref, ours)
         tokens, ids = xd.flatten(2).transpose(1, 2), Flux2KleinPipeline._prepare_latent_ids(xd)
         runners["diffusers"] = (lambda: ref(
