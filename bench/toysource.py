@@ -55,7 +55,7 @@ class SourcePlan:
     vae_batch: int = 16
     vae_lr: float = 3e-3
     scenes: int = 20000  # rendered scenes the DiT learns from
-    steps: int = 9000  # DiT + text encoder steps of `batch` samples (2.3M samples; ShapeEval 0.33 after 4,000)
+    steps: int = 9000  # DiT + text encoder steps of `batch` samples (2.3M; the curve: bench/RESULTS.md)
     batch: int = 256
     lr: float = 2e-3
     warmup: int = 100
@@ -400,7 +400,7 @@ def train_source(plan: SourcePlan, work: Path, device, seed: int = 0, target: Pa
     log("scoring the written source through sample.py --latent")
     score, recon = score_source(tmp, plan, device, work / "eval.log"), vae_score(model.load_vae(tmp), plan, "cpu")
     manifest = {"command": " ".join(["python", *sys.argv]), "commit": commit(), "plan": asdict(plan), "seed": seed,
-                "device": str(device), "hours": (time.time() - start) / 3600,
+                "device": str(device), "hours_last_sitting": (time.time() - start) / 3600,  # resumed: that part
                 "shapeeval": {"overall": score["overall"], "per_task": score["per_task"],
                               "protocol": f"{len(eval_scenes(plan.eval_prompts))} distinct prompts x "
                                           f"{plan.eval_seeds} seeds, {plan.sample_steps} steps, CFG w {plan.cfg_w}, "
