@@ -1564,7 +1564,8 @@ def flux_vae_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> FluxVAECo
         raise CheckpointError(f"a VAE with channels {channels} cannot use 32 GroupNorm groups; put its config.json "
                               "beside it (a diffusers vae/ folder) or pass load_vae(config=...)")
     return FluxVAEConfig(in_channels=shapes["encoder.conv_in.weight"][1],
-                         out_channels=shapes["decoder.conv_out.weight"][0], latent_channels=shapes["decoder.conv_in.weight"][1], block_out_channels=channels,
+                         out_channels=shapes["decoder.conv_out.weight"][0],
+                         latent_channels=shapes["decoder.conv_in.weight"][1], block_out_channels=channels,
                          layers_per_block=len({k.split(".")[4] for k in shapes
                                                if k.startswith("encoder.down_blocks.0.resnets.")}))
 
