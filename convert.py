@@ -17,11 +17,16 @@ checkpoint (for Z-Image in the released L2P layout, which other L2P code can loa
 """
 
 import argparse
+import json
 import time
+from itertools import chain
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 import model
 
@@ -39,6 +44,21 @@ def parse_args(argv=None):
                              "64 keeps it at 4096^2; 32 and 128 follow the same rule")
     parser.add_argument("--head-width", type=int, default=64,
                         help="Detailer Head channels at half resolution (64 = the released heads; less for toy models)")
+    parser.add_argument("--recipe", choices=model.RECIPES, default="lift",
+                        help="lift (default): the embedder and the source's own output layer aligned to the source's "
+                             "latent tokens, so the converted model samples the source's scenes before training, "
+                             "and a Detailer Head that adds x0 detail to them (needs --align-data); paper: a random "
+                             "embedder and a head that predicts v (the released L2P files); x0: paper with "
+                             "x-prediction; embedder: paper with the aligned embedder")
+    parser.add_argument("--align-data", help="images the source made (a synth.py output, or a folder of images): "
+                                             "the lift is fitted to their latent tokens through the source's VAE")
+    parser.add_argument("--align-images", type=int, default=1000, help="how many of them the fit reads")
+    parser.add_argument("--vae", help="the source's VAE (default: --src's vae/); any layout model.load_vae reads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the fit runs the VAE encoder (bf16 on CUDA, fp32 on the CPU); the conversion "
+                             "itself streams on the CPU")
+    parser.add_argument("--head-sigma", action=argparse.BooleanOptionalAction,
+                        help="the Detailer Head reads sigma as a fourth input channel (default: with --recipe lift)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new patch embedder and head")
     parser.add_argument("--tail-modulation", type=int, default=0, metavar="N",
                         help="FLUX.2: give the last N single-stream blocks a private copy of the shared single-stream "
@@ -53,20 +73,104 @@ def parse_args(argv=None):
                      "factor 2 down to the token grid)")
     if args.head_width < 8 or args.head_width % 8:
         parser.error(f"--head-width {args.head_width}: use a positive multiple of 8")
+    if args.align_images < 1:
+        parser.error(f"--align-images must be at least 1, got {args.align_images}")
+    if args.head_sigma is None:
+        args.head_sigma = args.recipe == "lift"
     return args
 
 
-def new_tensors(cfg, seed: int) -> dict[str, torch.Tensor]:
+ALIGN_BATCH = 8  # images of one size encoded together by the VAE
+
+
+def read_align_images(folder: Path, count: int, patch: int):
+    """The first `count` images of a synth.py output (its metadata.jsonl order) or of a folder (sorted), each as
+    [1, 3, H, W] in [-1, 1], centre-cropped to a multiple of the patch (the fit reads whole patches only)."""
+    if (folder / "metadata.jsonl").exists():
+        names = [json.loads(line)["file_name"] for line in (folder / "metadata.jsonl").read_text().splitlines()
+                 if line.strip()]
+    else:
+        names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not names:
+        raise SystemExit(f"--align-data {folder}: no images (a synth.py output, or a folder of .png / .jpg files)")
+    for name in names[:count]:
+        try:
+            with Image.open(folder / name) as image:
+                pixels = np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as e:
+            raise SystemExit(f"--align-data: cannot read {folder / name} ({e}); remove it or fix it") from None
+        h, w = pixels.shape[0] // patch * patch, pixels.shape[1] // patch * patch
+        if not h or not w:
+            raise SystemExit(f"--align-data: {folder / name} is smaller than one {patch} x {patch} patch")
+        top, left = (pixels.shape[0] - h) // 2, (pixels.shape[1] - w) // 2
+        crop = np.array(pixels[top:top + h, left:left + w])
+        yield torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def fit_to_source(args, vae_path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The lift of --patch pixels onto the source's latent tokens, fitted on the --align-data images area-downsampled
+    to the source's 1K token grid (model.fit_lift at the source's token size t, then model.extend_lift by p / t),
+    and how well it fits."""
+    device = torch.device(args.device)
+    vae = model.load_vae(vae_path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    token = vae.downscale * model.latent_token_patch(vae)  # pixels per latent token side: 16 for both sources
+    if args.patch % token:
+        raise SystemExit(f"--patch {args.patch}: the lift needs a multiple of the source's latent token, {token} x "
+                         f"{token} pixels")
+    factor, count = args.patch // token, [0]
+
+    def pairs():
+        batch = []
+        for image in tqdm(chain(read_align_images(Path(args.align_data), args.align_images, args.patch), [None]),
+                          total=args.align_images + 1, desc="fitting the lift", unit="image"):
+            if batch and (image is None or image.shape != batch[0].shape or len(batch) == ALIGN_BATCH):
+                small = torch.cat(batch)
+                small = torch.nn.functional.avg_pool2d(small, factor) if factor > 1 else small
+                with torch.no_grad():
+                    yield model.patchify(small, token), model.latent_tokens(vae, small.to(device)).cpu()
+                count[0], batch = count[0] + len(batch), []
+            batch += [image] if image is not None else []
+
+    basis, scale, fit = model.fit_lift(pairs())
+    stats = {"align_images": str(count[0]), "align_scale_1k": f"{scale.item():.6g}",
+             **{f"align_{k}": f"{v:.4f}" for k, v in fit.items()}}
+    basis, scale = model.extend_lift(basis, scale, factor)
+    return basis, scale, stats
+
+
+def new_tensors(cfg, seed: int, aligned: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The parts of the pixel model that the latent source does not have, freshly initialised (PyTorch's default
-    Linear; the head as DetailerHead.reset_parameters)."""
+    Linear; the head as DetailerHead.reset_parameters), with the aligned embedder and the lift where given (the
+    head's draw is then the same as without them)."""
     torch.manual_seed(seed)
     p, flux2 = cfg.patch_size, isinstance(cfg, model.Flux2Config)
     embedder = torch.nn.Linear(p * p * cfg.in_channels, cfg.dim, bias=not flux2)
-    head = model.DetailerHead(cfg.in_channels, cfg.dim, p, cfg.head_width)
+    head = model.DetailerHead(cfg.in_channels + cfg.head_sigma, cfg.dim, p, cfg.head_width, cfg.in_channels)
     name = "pixel_embedder" if flux2 else f"all_x_embedder.{p}-1"
     tensors = {f"{name}.{k}": v for k, v in embedder.state_dict().items()}
+    tensors.update({f"{name}.{k}": v for k, v in (aligned or {}).items() if k in ("weight", "bias")})
     tensors.update({f"local_decoder.{k}": v for k, v in head.state_dict().items()})
+    tensors.update({k: v for k, v in (aligned or {}).items() if k.startswith("lift.")})
     return tensors
+
+
+def aligned_tensors(args, source: model.DiTCheckpoint, cfg) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """--recipe embedder / lift: the patch embedder that reads the lift's projection as the source's embedder reads a
+    latent token (weight E_lat basis, bias E_lat's), and the lift itself; plus the fit's numbers for the metadata."""
+    if not args.align_data:
+        raise SystemExit(f"--recipe {args.recipe} fits the pixel patches to the source's latent tokens: pass "
+                         "--align-data <a synth.py output or a folder of images the source made> (or --recipe paper)")
+    vae = args.vae or args.src
+    if not (args.vae or Path(args.src).is_dir()):
+        raise SystemExit(f"--src {args.src} is a single file: pass the source's VAE with --vae (its repo's vae/ or "
+                         "ae.safetensors)")
+    basis, scale, stats = fit_to_source(args, vae)
+    latent = "x_embedder." if isinstance(cfg, model.Flux2Config) else f"all_x_embedder.{model.ZIMAGE_LATENT_PATCH}-1."
+    embedder = {k.removeprefix(latent): t.float() for k, t in source.tensors() if k.startswith(latent)}
+    aligned = {"weight": embedder["weight"] @ basis, **({"bias": embedder["bias"]} if "bias" in embedder else {})}
+    if cfg.lift_dim:
+        aligned.update({"lift.basis": basis, "lift.scale": scale})
+    return aligned, stats
 
 
 def count(specs) -> int:
@@ -100,7 +204,9 @@ def main(argv=None):
     if args.tail_modulation and not (flux2 and 0 < args.tail_modulation < source.cfg.num_single_layers):
         raise SystemExit(f"--tail-modulation {args.tail_modulation}: a FLUX.2 source and fewer than its "
                          "single-stream blocks")
-    target_cfg = model.l2p_config(source.cfg, args.patch, args.head_width)
+    if args.align_data and args.recipe not in ("embedder", "lift"):
+        raise SystemExit(f"--align-data: --recipe {args.recipe} fits nothing; use --recipe lift or embedder")
+    target_cfg = model.l2p_config(source.cfg, args.patch, args.head_width, args.recipe, args.head_sigma)
     target_cfg = replace(target_cfg, single_tail=args.tail_modulation) if flux2 else target_cfg
     with torch.device("meta"):
         target = model.new_model(target_cfg).state_dict()
@@ -114,12 +220,14 @@ def main(argv=None):
             copied[key] = spec.to(cast) if cast and spec.is_floating_point() else spec
         else:
             dropped[key] = spec
-    created = new_tensors(target_cfg, args.seed)
-    created = {k: v.to(cast or torch.float32) for k, v in created.items()}
-    missing = [k for k in target if k not in copied and k not in created and k not in aliases]
+    new = ("pixel_embedder." if flux2 else f"all_x_embedder.{args.patch}-1.", "local_decoder.", "lift.")
+    missing = [k for k in target if k not in copied and k not in aliases and not k.startswith(new)]
     if missing:
         raise SystemExit(f"--src {args.src} ({source.layout}) lacks {len(missing)} tensors the pixel model needs "
                          f"(first: {missing[:5]}); is it a complete transformer?")
+    aligned, fit_stats = aligned_tensors(args, source, target_cfg) if args.recipe in ("embedder", "lift") else ({}, {})
+    created = new_tensors(target_cfg, args.seed, aligned)
+    created = {k: v.to(torch.float32 if k.startswith("lift.") else cast or torch.float32) for k, v in created.items()}
 
     specs = {**copied, **{k: copied[a] for k, a in aliases.items()}, **{k: v.to("meta") for k, v in created.items()}}
 
@@ -135,6 +243,8 @@ def main(argv=None):
     metadata = {"format": "l2p", "l2p_patch": str(args.patch), "head_width": str(args.head_width),
                 "source": str(args.src), "source_layout": source.layout, "seed": str(args.seed), "dtype": args.dtype,
                 "written_by": "convert.py"}
+    if args.recipe != "paper":  # a file without l2p_recipe is the paper's, as the released ones
+        metadata.update({"l2p_recipe": args.recipe, **fit_stats})
     start = time.time()
     model.write_safetensors(out, stream(), metadata, specs=specs)
 
@@ -144,7 +254,12 @@ def main(argv=None):
           f"{'' if cast is None else ', cast to ' + args.dtype})" + (f", and {', '.join(aliases)} from "
                                                                       "single_stream_modulation" if aliases else ""))
     print(f"created {len(created):4d} tensors {count(created):>15,d} params  "
-          f"({embedder} [{target_cfg.dim}, {args.patch ** 2 * 3}], local_decoder)")
+          f"({embedder} [{target_cfg.dim}, {args.patch ** 2 * 3}]{', fitted' if aligned else ''}, local_decoder"
+          f"{', lift' if target_cfg.lift_dim else ''}), recipe {args.recipe}")
+    if fit_stats:
+        print(f"fit     {fit_stats['align_images']} images: scale {fit_stats['align_scale_1k']} (1K), "
+              f"{float(fit_stats['align_pixel_energy_in_subspace']):.1%} of the pixel energy in the subspace, "
+              f"{float(fit_stats['align_latent_energy_unexplained']):.1%} of the latent energy unexplained")
     print(f"dropped {len(dropped):4d} tensors {count(dropped):>15,d} params  ({', '.join(dropped)})")
     print(f"wrote   {out}: {len(specs)} tensors, {count(specs):,d} params, {out.stat().st_size / 1e9:.2f} GB "
           f"in {time.time() - start:.0f} s")

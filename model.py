@@ -9,7 +9,9 @@ Sections
   1. Blocks         RoPE (any number of axes), attention (q/k RMSNorm, SDPA), SwiGLU, the (modulated) Z-Image block
   2. Z-Image DiT    ZImageConfig, ZImageDiT: forward(x, sigma, cap, cap_mask) -> v (latent, or L2P pixels)
   3. FLUX.2 DiT     Flux2Config, Flux2DiT (klein 4B MMDiT: double- then single-stream blocks): the same forward
-  4. L2P head       DetailerHead, l2p_config (latent config -> pixel config), set_trainable (the freeze policy)
+  4. L2P head       DetailerHead, PixelLift and fit_lift (the latent-aligned conversion), pixel_velocity (the pixel
+                    model's forward, both families), l2p_config (latent config + recipe -> pixel config),
+                    set_trainable (the freeze policy)
   5. VAEs           FluxVAE (FLUX.1, Z-Image's) and Flux2VAE: encode(img) -> normalised latent, decode(latent) -> img
   6. Text encoder   TextEncoder: Qwen3 through transformers, encode(prompts) -> (cap, cap_mask), Z-Image's recipe or
                     FLUX.2's
@@ -43,7 +45,7 @@ from PIL import Image, PngImagePlugin
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-if TYPE_CHECKING:  # annotations only: transformers is imported lazily (section 5)
+if TYPE_CHECKING:  # annotations only: transformers is imported lazily (section 6)
     from transformers import Qwen3Config, Qwen3Model
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,6 +144,7 @@ class DiTBlock(nn.Module):
 
 SEQ_MULTIPLE = 32  # Z-Image pads both the caption and the image token runs to a multiple of 32
 ADALN_DIM = 256
+ZIMAGE_LATENT_PATCH = 2  # Z-Image's only latent patch: 2 x 2 positions of its 16-channel latent per token
 
 
 @dataclass
@@ -157,8 +160,12 @@ class ZImageConfig:
     rope_theta: float = 256.0
     t_scale: float = 1000.0
     axes_dims: tuple[int, ...] = (32, 48, 48)
-    pixel_head: bool = False  # True: the L2P pixel model (Detailer Head instead of the final layer), see section 3
+    pixel_head: bool = False  # True: the L2P pixel model (Detailer Head instead of the final layer), see section 4
     head_width: int = 64  # Detailer Head channels at H/2 (level "1"); the released heads use 64, toy models less
+    # the latent-aligned pixel model (section 4, PixelLift); all off = the paper's recipe and the released files
+    lift_dim: int = 0  # > 0: the source's final layer is kept and its latent prediction lifted to pixels
+    x_prediction: bool = False  # the head predicts x0 and v = (x - x0) / max(sigma, X0_MIN_SIGMA)
+    head_sigma: bool = False  # the head reads sigma as a fourth input channel
 
     @property
     def ffn_dim(self) -> int:
@@ -210,7 +217,7 @@ class FinalLayer(nn.Module):
 
 class ZImageDiT(nn.Module):
     """Z-Image's single-stream DiT. forward(x, sigma, cap, cap_mask) -> v = eps - x0 (the negated raw output).
-    With cfg.pixel_head it is the L2P pixel model: RGB patches in, the Detailer Head out (section 3).
+    With cfg.pixel_head it is the L2P pixel model: RGB patches in, the Detailer Head out (section 4).
 
     Sequence per sample: [image tokens, image pads | caption tokens, caption pads | batch padding]. Image and
     caption pads are real tokens (learned pad embeddings that attend and are attended to, as in the source); only
@@ -225,8 +232,12 @@ class ZImageDiT(nn.Module):
         block = lambda modulated: DiTBlock(dim, cfg.n_heads, cfg.ffn_dim, cfg.norm_eps, cfg.adaln_dim, modulated)
         self.all_x_embedder = nn.ModuleDict({f"{p}-1": nn.Linear(p * p * cfg.in_channels, dim)})
         if cfg.pixel_head:
-            self.local_decoder = DetailerHead(cfg.in_channels, dim, p, cfg.head_width)
-        else:
+            self.local_decoder = DetailerHead(cfg.in_channels + cfg.head_sigma, dim, p, cfg.head_width, cfg.in_channels)
+        if cfg.lift_dim:  # the lifted pixel model keeps the source's final layer, under the source's name
+            self.lift = PixelLift(cfg.lift_dim, p * p * cfg.in_channels)
+            self.all_final_layer = nn.ModuleDict({f"{ZIMAGE_LATENT_PATCH}-1": FinalLayer(dim, cfg.lift_dim,
+                                                                                          cfg.adaln_dim)})
+        elif not cfg.pixel_head:
             self.all_final_layer = nn.ModuleDict({f"{p}-1": FinalLayer(dim, p * p * cfg.in_channels, cfg.adaln_dim)})
         self.t_embedder = TimestepEmbedder(cfg.adaln_dim)
         self.cap_embedder = nn.Sequential(nn.RMSNorm(cfg.cap_feat_dim, eps=cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, dim))
@@ -299,20 +310,20 @@ class ZImageDiT(nn.Module):
             joint = self._run(block, joint, freqs, joint_key_mask, adaln)
         return joint[:, :N], adaln
 
+    v_sign = -1.0  # Z-Image's final layer (and the released Detailer Head) predict x0 - eps
+
+    def latent_output(self, hidden: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
+        """The source's final layer: last-layer tokens [B, N, dim] -> latent v = eps - x0 per token."""
+        return self.v_sign * next(iter(self.all_final_layer.values()))(hidden, adaln)
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor, cap_mask: torch.Tensor) -> torch.Tensor:
         """x [B, C, H, W] (latent, or pixels for L2P), sigma [B] (1 = noise), cap [B, L, cap_feat_dim],
         cap_mask [B, L] bool -> v = eps - x0 [B, C, H, W] fp32."""
-        p = self.cfg.patch_size
-        B, C, H, W = x.shape
-        if C != self.cfg.in_channels or H % p or W % p:
-            raise ValueError(f"input {tuple(x.shape)}: expected {self.cfg.in_channels} channels and H, W multiples of "
-                             f"the patch {p}")
+        p, (B, C, H, W) = check_input(self, x), x.shape
+        if self.cfg.pixel_head:
+            return pixel_velocity(self, x, sigma, cap, cap_mask)
         hidden, adaln = self.transformer(patchify(x, p), (H // p, W // p), sigma, cap, cap_mask)
-        if self.cfg.pixel_head:  # L2P: raw last-layer tokens as a [B, dim, H/p, W/p] map, decoded with the noisy image
-            out = self.local_decoder(x.to(hidden.dtype), hidden.transpose(1, 2).unflatten(2, (H // p, W // p)))
-        else:
-            out = unpatchify(self.all_final_layer[f"{p}-1"](hidden, adaln), p, H, W)
-        return -out.float()  # both networks predict x0 - eps, as the source does
+        return unpatchify(self.latent_output(hidden, adaln), p, H, W).float()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,6 +349,9 @@ class Flux2Config:
     eps: float = 1e-6
     pixel_head: bool = False  # True: the L2P pixel model (RGB patches, the Detailer Head instead of norm/proj_out)
     head_width: int = 64  # Detailer Head channels at H/2, as for Z-Image
+    lift_dim: int = 0  # the latent-aligned pixel model, as for Z-Image (norm_out and proj_out are kept)
+    x_prediction: bool = False
+    head_sigma: bool = False
     single_tail: int = 0  # > 0: the last single_tail single blocks read a private copy of the single modulation
 
     @property
@@ -509,7 +523,8 @@ class Flux2DiT(nn.Module):
         assert cfg.attention_head_dim == sum(cfg.axes_dims_rope), "head_dim must equal the sum of the RoPE axes"
         if cfg.pixel_head:
             self.pixel_embedder = nn.Linear(p * p * cfg.in_channels, dim, bias=False)  # no bias, as all of FLUX.2
-            self.local_decoder = DetailerHead(cfg.in_channels, dim, p, cfg.head_width)
+            self.local_decoder = DetailerHead(cfg.in_channels + cfg.head_sigma, dim, p, cfg.head_width,
+                                              cfg.in_channels)
         elif p != 1:
             raise ValueError(f"patch size {p}: the latent FLUX.2 takes one latent position per token (patch 1)")
         else:
@@ -526,9 +541,11 @@ class Flux2DiT(nn.Module):
                 {str(cfg.num_single_layers - cfg.single_tail): Modulation(dim, 1)})
         self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.num_layers))
         self.single_transformer_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.num_single_layers))
-        if not cfg.pixel_head:
+        if not cfg.pixel_head or cfg.lift_dim:  # the lifted pixel model keeps the source's output layer
             self.norm_out = OutputNorm(dim, cfg.eps)
-            self.proj_out = nn.Linear(dim, cfg.in_channels, bias=False)
+            self.proj_out = nn.Linear(dim, cfg.lift_dim or cfg.in_channels, bias=False)
+        if cfg.lift_dim:
+            self.lift = PixelLift(cfg.lift_dim, p * p * cfg.in_channels)
         self.gradient_checkpointing = False
 
     def _run(self, block, *args):
@@ -570,19 +587,21 @@ class Flux2DiT(nn.Module):
             x = self._run(block, x, rope, mod)
         return x[:, L:], temb
 
+    v_sign = 1.0  # FLUX.2's output layer (and its Detailer Head) predict v = eps - x0
+
+    def latent_output(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The source's output layer: last single block's image tokens [B, N, dim] -> latent v per token."""
+        return self.proj_out(self.norm_out(hidden, temb))
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor,
                 cap_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, in_channels, H, W]: the packed latent, or pixels for L2P; sigma [B], cap [B, L, joint_attention_dim]
         (L = 512 for the source's features), cap_mask unused -> v = eps - x0 [B, in_channels, H, W] fp32."""
-        p = self.cfg.patch_size
-        B, C, H, W = x.shape
-        if C != self.cfg.in_channels or H % p or W % p:
-            raise ValueError(f"input {tuple(x.shape)}: expected {self.cfg.in_channels} channels and H, W multiples of "
-                             f"the patch {p}")
+        p, (B, C, H, W) = check_input(self, x), x.shape
+        if self.cfg.pixel_head:
+            return pixel_velocity(self, x, sigma, cap, cap_mask)
         hidden, temb = self.transformer(patchify(x, p), (H // p, W // p), sigma, cap, cap_mask)
-        if self.cfg.pixel_head:  # L2P: the raw image tokens (text dropped) as a [B, dim, H/p, W/p] map, + the noisy image
-            return self.local_decoder(x.to(hidden.dtype), hidden.transpose(1, 2).unflatten(2, (H // p, W // p))).float()
-        return unpatchify(self.proj_out(self.norm_out(hidden, temb)), 1, H, W).float()
+        return unpatchify(self.latent_output(hidden, temb), 1, H, W).float()
 
 
 
@@ -615,7 +634,7 @@ class DetailerHead(nn.Module):
     decoder: up{i} = nearest 2x + Conv3x3; dec{i} = Conv3x3 + SiLU on [up, skip]; out_conv 1x1 -> in_channels
     """
 
-    def __init__(self, in_channels: int, dim: int, patch_size: int, width: int = 64):
+    def __init__(self, in_channels: int, dim: int, patch_size: int, width: int = 64, out_channels: int | None = None):
         super().__init__()
         n = int(math.log2(patch_size))
         if 2 ** n != patch_size or not 4 <= n <= len(DETAILER_LEVELS):
@@ -630,7 +649,7 @@ class DetailerHead(nn.Module):
                                                        conv3x3(width, width)))
             self.add_module(f"dec{name}", nn.Sequential(conv3x3(2 * width, widths[max(i - 1, 0)]), nn.SiLU()))
         self.bottleneck = nn.Sequential(nn.Conv2d(widths[-1] + dim, widths[-1], kernel_size=1), nn.SiLU())
-        self.out_conv = nn.Conv2d(widths[0], in_channels, kernel_size=1)
+        self.out_conv = nn.Conv2d(widths[0], out_channels or in_channels, kernel_size=1)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -647,8 +666,8 @@ class DetailerHead(nn.Module):
         nn.init.zeros_(self.out_conv.weight)
 
     def forward(self, x: torch.Tensor, token_map: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W] noisy pixels, token_map [B, dim, H/p, W/p] -> [B, C, H, W] in the source's sign (Z-Image:
-        x0 - eps, which ZImageDiT negates; FLUX.2: v = eps - x0)."""
+        """x [B, C, H, W] noisy pixels (+ a sigma channel), token_map [B, dim, H/p, W/p] -> [B, 3, H, W]: in the
+        paper's recipe v in the source's sign (Z-Image: x0 - eps; FLUX.2: eps - x0), with x-prediction x0."""
         skips = []
         for name, _ in self.levels:
             skips.append(getattr(self, f"enc{name}")(x))
@@ -660,18 +679,136 @@ class DetailerHead(nn.Module):
         return self.out_conv(x)
 
 
-def l2p_config(source: "ZImageConfig | Flux2Config", patch_size: int = 16, head_width: int = 64):
-    """The pixel model made from a latent source: same transformer, RGB patches of p x p, the Detailer Head."""
-    return replace(source, in_channels=3, patch_size=patch_size, pixel_head=True, head_width=head_width)
+X0_MIN_SIGMA = 0.05  # x-prediction's v = (x - x0) / sigma divides by at least this (JiT's clamp)
+RECIPES = ("paper", "x0", "embedder", "lift")  # convert.py --recipe; see l2p_config
+
+
+class PixelLift(nn.Module):
+    """The map between p x p RGB patches and the source's latent tokens that lets the converted pixel model sample
+    the source's scenes before any training (AsymFlow's construction, arXiv 2605.12964).
+
+    basis [d, p*p*3] has orthonormal rows and `scale` s is fitted so that basis @ patch(x0) ~ s * latent token of
+    x0 (convert.py --align-data). Pixel noise projects to exactly unit latent noise, the image to s times its
+    latent, so x_sigma scaled by k = 1 / (s + (1 - s) sigma) projects to (1 - sigma') z0 + sigma' eps' with
+    sigma' = k sigma: the input and the noise level the source was trained on. Its latent prediction z0 comes back
+    to pixels as s * basis^T z0. Kept in fp32 whatever the model's dtype (a bf16 basis is no longer orthonormal).
+    """
+
+    def __init__(self, latent_dim: int, patch_dim: int):
+        super().__init__()
+        self.register_buffer("basis", torch.zeros(latent_dim, patch_dim))
+        self.register_buffer("scale", torch.ones(()))
+
+    def dit_input(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k x, k sigma): the noisy image and the noise level the DiT sees."""
+        s = self.scale.float()
+        k = 1 / (s + (1 - s) * sigma)
+        return x * k.view(-1, 1, 1, 1).to(x.dtype), k * sigma
+
+    def to_latent(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, N, p*p*3] -> [B, N, d]
+        return tokens.float() @ self.basis.float().T
+
+    def to_pixels(self, latent: torch.Tensor) -> torch.Tensor:  # [B, N, d] -> [B, N, p*p*3]
+        return self.scale.float() * (latent.float() @ self.basis.float())
+
+
+def check_input(net: "ZImageDiT | Flux2DiT", x: torch.Tensor) -> int:
+    """The patch size, after checking x [B, C, H, W] against the model (channels, multiples of the patch)."""
+    p, (_, C, H, W) = net.cfg.patch_size, x.shape
+    if C != net.cfg.in_channels or H % p or W % p:
+        raise ValueError(f"input {tuple(x.shape)}: expected {net.cfg.in_channels} channels and H, W multiples of the "
+                         f"patch {p}")
+    return p
+
+
+def pixel_velocity(net: "ZImageDiT | Flux2DiT", x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor,
+                   cap_mask: torch.Tensor) -> torch.Tensor:
+    """The L2P pixel model's forward, both families: x [B, 3, H, W] noisy pixels -> v = eps - x0, fp32.
+
+    The DiT's raw last-layer image tokens, as a [B, dim, H/p, W/p] map, and the noisy image (+ sigma) go into the
+    Detailer Head. The paper's head predicts v; with x-prediction it predicts x0; the lifted model adds the
+    head's output to the source's own prediction lifted to pixels (PixelLift), so a zero head is the source.
+    """
+    cfg, p, (B, _, H, W) = net.cfg, net.cfg.patch_size, x.shape
+    sigma = sigma.to(device=x.device, dtype=torch.float32).expand(B)
+    x_dit, sigma_dit = net.lift.dit_input(x, sigma) if cfg.lift_dim else (x, sigma)
+    tokens = patchify(x_dit, p)
+    hidden, cond = net.transformer(tokens, (H // p, W // p), sigma_dit, cap, cap_mask)
+    head_in = torch.cat([x, sigma.view(B, 1, 1, 1).expand(B, 1, H, W).to(x.dtype)], 1) if cfg.head_sigma else x
+    out = net.local_decoder(head_in.to(hidden.dtype), hidden.transpose(1, 2).unflatten(2, (H // p, W // p))).float()
+    if not cfg.x_prediction:
+        return net.v_sign * out
+    if cfg.lift_dim:
+        z0 = net.lift.to_latent(tokens) - sigma_dit.view(B, 1, 1) * net.latent_output(hidden, cond).float()
+        out = out + unpatchify(net.lift.to_pixels(z0), p, H, W)
+    return (x.float() - out) / sigma.clamp_min(X0_MIN_SIGMA).view(B, 1, 1, 1)
+
+
+def latent_token_patch(vae: "FluxVAE | Flux2VAE") -> int:
+    """Latent positions per token side: Z-Image's token is 2 x 2 positions of FLUX.1's 16-channel latent, FLUX.2's
+    one position of its 128 packed channels (both 16 x 16 pixels: latent_token_patch(vae) * vae.downscale)."""
+    return ZIMAGE_LATENT_PATCH if isinstance(vae, FluxVAE) else 1
+
+
+def latent_tokens(vae: "FluxVAE | Flux2VAE", images: torch.Tensor) -> torch.Tensor:
+    """images [B, 3, H, W] -> the source DiT's latent tokens [B, N, d], in the order its patch embedder reads them."""
+    return patchify(vae.encode(images), latent_token_patch(vae)).float()
+
+
+@torch.no_grad()
+def fit_lift(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Orthogonal Procrustes with scale, streamed over pairs of pixel patches x [..., P] and latent tokens z [..., d]
+    (d <= P; only d x P and P x P sums are kept): basis [d, P] = U V^T from the SVD of sum z x^T, which minimises
+    sum ||x - s basis^T z||^2 (the way back to pixels) exactly and sum ||basis x - s z||^2 (the way in) where the
+    pixels' spread is even; s = ||basis X|| / ||Z||. Also returns how well it fits: the share of the pixel energy
+    inside the subspace, and of the (scaled) latent energy that the projection leaves unexplained."""
+    cross = gram = latent_energy = 0
+    for x, z in pairs:
+        x, z = x.reshape(-1, x.shape[-1]).double(), z.reshape(-1, z.shape[-1]).double()
+        cross, gram, latent_energy = cross + z.T @ x, gram + x.T @ x, latent_energy + z.square().sum()
+    u, _, vh = torch.linalg.svd(cross, full_matrices=False)
+    basis = u @ vh
+    projected = (basis @ gram * basis).sum()  # sum ||basis x||^2
+    scale = (projected / latent_energy).sqrt()
+    residual = projected - 2 * scale * (basis * cross).sum() + scale ** 2 * latent_energy
+    fit = {"pixel_energy_in_subspace": float(projected / gram.trace()),
+           "latent_energy_unexplained": float(residual / projected)}
+    return basis.float(), scale.float(), fit
+
+
+def extend_lift(basis: torch.Tensor, scale: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A lift fitted on t x t patches (the source's token: 16 x 16 pixels at 1K) -> one for (t factor)^2 patches:
+    each pixel of the fit becomes a factor x factor block, i.e. the patch is area-downsampled to t x t first, as
+    the DiT keeps its 1K token grid at 2K / 4K. Divided by the factor the rows stay orthonormal (pixel noise still
+    projects to unit latent noise) while the image's projection grows by it: scale x factor."""
+    d, t = basis.shape[0], math.isqrt(basis.shape[1] // 3)
+    blocks = basis.view(d, t, 1, t, 1, 3).expand(d, t, factor, t, factor, 3)
+    return blocks.reshape(d, -1) / factor, scale * factor
+
+
+def l2p_config(source: "ZImageConfig | Flux2Config", patch_size: int = 16, head_width: int = 64,
+               recipe: str = "paper", head_sigma: bool = False):
+    """The pixel model made from a latent source: same transformer, RGB patches of p x p, the Detailer Head.
+
+    Recipes: paper (random patch embedder, the head predicts v: the released L2P files), x0 (the same, the head
+    predicts x0), embedder (the embedder fitted to the source's latent tokens, the head predicts v), lift (the
+    fitted embedder, the source's output layer kept and lifted, the head adds x0 detail to it)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe {recipe!r}: one of {', '.join(RECIPES)}")
+    lift_dim = (ZIMAGE_LATENT_PATCH ** 2 * source.in_channels if isinstance(source, ZImageConfig) else
+                source.in_channels) if recipe == "lift" else 0
+    return replace(source, in_channels=3, patch_size=patch_size, pixel_head=True, head_width=head_width,
+                   lift_dim=lift_dim, x_prediction=recipe in ("x0", "lift"), head_sigma=head_sigma)
 
 
 def new_model(cfg: "ZImageConfig | Flux2Config") -> "ZImageDiT | Flux2DiT":
     return (Flux2DiT if isinstance(cfg, Flux2Config) else ZImageDiT)(cfg)
 
 
-def set_trainable(model: "ZImageDiT | Flux2DiT", train_blocks: int = 5, strict: bool = False) -> tuple[int, int]:
+def set_trainable(model: "ZImageDiT | Flux2DiT", train_blocks: int = 5, strict: bool = False,
+                  head_only: bool = False) -> tuple[int, int]:
     """The L2P freeze policy, in one place: the first and last n blocks train, the middle stays frozen. Returns
-    (trainable, frozen) parameter counts.
+    (trainable, frozen) parameter counts. head_only: the Detailer Head alone trains (the whole DiT frozen).
 
     Z-Image, default (the released code): main layers [n, n_layers - n) frozen, everything else in the DiT trains
     (refiners, timestep and caption embedders, pad tokens, patch embedder, head). strict (the paper's wording): only
@@ -690,7 +827,7 @@ def set_trainable(model: "ZImageDiT | Flux2DiT", train_blocks: int = 5, strict: 
         cfg = model.cfg
         singles = [f"single_transformer_blocks.{i}." for i in range(cfg.num_single_layers)]
         stack, always, loose = [f"transformer_blocks.{i}." for i in range(cfg.num_layers)] + singles, \
-            ["pixel_embedder.", "local_decoder."], ["context_embedder."]
+            ["pixel_embedder.", "local_decoder.", "norm_out.", "proj_out."], ["context_embedder."]
     n = train_blocks
     if not 0 <= 2 * n <= len(stack):
         raise ValueError(f"--train-blocks {n}: needs 0 <= 2n <= {len(stack)} blocks")
@@ -702,7 +839,7 @@ def set_trainable(model: "ZImageDiT | Flux2DiT", train_blocks: int = 5, strict: 
                    "single_stream_modulation.": singles[:tail_from], f"single_stream_modulation_tail.{tail_from}.":
                    singles[tail_from:], "time_guidance_embed.": stack}
         trained |= {shared for shared, blocks in readers.items() if set(blocks) <= trained}
-    prefixes = tuple(trained) + tuple(always) + (() if strict else tuple(loose))
+    prefixes = ("local_decoder.",) if head_only else tuple(trained) + tuple(always) + (() if strict else tuple(loose))
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(prefixes))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -1154,6 +1291,8 @@ def assign_weights(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]
             f"{len(missing)} missing (first: {missing[:5]}), {len(unexpected)} unexpected (first: {unexpected[:5]}), "
             f"{len(misshapen)} with wrong shape (first: {list(misshapen.values())[:3]}). Is this the right file for this model?")
     module.load_state_dict(state, strict=True, assign=True)
+    for lift in (m for m in module.modules() if isinstance(m, PixelLift)):
+        lift.float()
     return module
 
 
@@ -1206,17 +1345,25 @@ def single_file_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], str]:
     return {k.removeprefix(strip): s for k, s in shapes.items()}, strip
 
 
+def l2p_fields(shapes: dict[str, tuple[int, ...]], patch_size: int, recipe: str | None) -> dict:
+    """The pixel model's recipe fields (config) from its shapes and the recipe its metadata records (none: the
+    paper's, as in the released files)."""
+    first_conv = f"local_decoder.enc{DETAILER_LEVELS[-int(math.log2(patch_size))][0]}.0.weight"
+    return dict(head_width=shapes["local_decoder.enc1.0.weight"][0], head_sigma=shapes[first_conv][1] == 4,
+                lift_dim=shapes.get("lift.basis", (0,))[0], x_prediction=recipe in ("x0", "lift"))
+
+
 def zimage_config_from_shapes(shapes: dict[str, tuple[int, ...]], patch_size: int, in_channels: int,
-                              pixel_head: bool = False) -> ZImageConfig:
+                              pixel_head: bool = False, recipe: str | None = None) -> ZImageConfig:
     count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix + ".")})
     dim, cap_feat_dim = shapes["cap_embedder.1.weight"]
     head_dim = shapes["layers.0.attention.norm_q.weight"][0]
     # The RoPE split is not in the file: Z-Image's (32, 48, 48) of 128, scaled for smaller heads.
     axes_dims = (head_dim // 4, head_dim * 3 // 8, head_dim - head_dim // 4 - head_dim * 3 // 8)
-    head_width = shapes["local_decoder.enc1.0.weight"][0] if pixel_head else 64
     return ZImageConfig(in_channels=in_channels, patch_size=patch_size, dim=dim, n_layers=count("layers"),
                         n_refiner_layers=count("noise_refiner"), n_heads=dim // head_dim, cap_feat_dim=cap_feat_dim,
-                        axes_dims=axes_dims, pixel_head=pixel_head, head_width=head_width)
+                        axes_dims=axes_dims, pixel_head=pixel_head,
+                        **(l2p_fields(shapes, patch_size, recipe) if pixel_head else {}))
 
 
 def zimage_from_comfy(tensors: Iterable[tuple[str, torch.Tensor]], patch_size: int):
@@ -1328,7 +1475,7 @@ def open_dit_checkpoint(path) -> DiTCheckpoint:
                               "Pass a Z-Image transformer or an L2P checkpoint")
     patch_size = int(embedder.split(".")[1].split("-")[0])
     cfg = zimage_config_from_shapes(names, patch_size, in_channels=names[embedder][1] // patch_size ** 2,
-                                    pixel_head=pixel_head)
+                                    pixel_head=pixel_head, recipe=safetensors_metadata(path).get("l2p_recipe"))
     return DiTCheckpoint(cfg, layout, [path], strip, partial(zimage_from_comfy, patch_size=2) if comfy else None)
 
 
@@ -1397,7 +1544,7 @@ def flux2_from_bfl(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tupl
             yield BFL_FLUX2_RENAMES[old] + key.removeprefix(old), tensor
 
 
-def flux2_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> Flux2Config:
+def flux2_config_from_shapes(shapes: dict[str, tuple[int, ...]], recipe: str | None = None) -> Flux2Config:
     """A FLUX.2 config from diffusers-named shapes (map a BFL file's through flux2_from_bfl first). The RoPE split
     and theta are not in the file: FLUX.2's four equal axes and 2000."""
     count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix + ".")})
@@ -1414,8 +1561,8 @@ def flux2_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> Flux2Config:
                        timestep_guidance_channels=shapes["time_guidance_embed.timestep_embedder.linear_1.weight"][1],
                        mlp_ratio=shapes["transformer_blocks.0.ff.linear_out.weight"][1] / dim,
                        axes_dims_rope=(head_dim // 4,) * 4, pixel_head=pixel_head,
-                       head_width=shapes["local_decoder.enc1.0.weight"][0] if pixel_head else 64,
-                       single_tail=singles - tail[0] if tail else 0)
+                       single_tail=singles - tail[0] if tail else 0,
+                       **(l2p_fields(shapes, patch_size, recipe) if pixel_head else {}))
 
 
 def guess_component(keys: Iterable[str]) -> str:
@@ -1469,7 +1616,8 @@ def open_flux2_checkpoint(path) -> DiTCheckpoint:
         raise CheckpointError(f"{path} (read as {layout}) is not a FLUX.2 transformer: it looks like "
                               f"{guess_component(shapes)} ({len(shapes)} keys, first: {list(shapes)[:4]}). Pass "
                               "flux-2-klein-4b.safetensors, or a FLUX.2 repo root or transformer/ folder")
-    return DiTCheckpoint(flux2_config_from_shapes(names), layout, [path], strip, flux2_from_bfl if bfl else None)
+    return DiTCheckpoint(flux2_config_from_shapes(names, safetensors_metadata(path).get("l2p_recipe")), layout,
+                         [path], strip, flux2_from_bfl if bfl else None)
 
 
 def detect_family(path, init: Path | None = None) -> str:

@@ -79,6 +79,12 @@ def parse_args(argv=None):
     add("--train-blocks", type=int, default=5, help="n: the first and last n main layers train (the paper: 5)")
     add("--strict-freeze", action="store_true", help="only the patch embedder, first/last n layers and head train "
                                                      "(the paper's wording; default: the released code's policy)")
+    add("--trainable", choices=["shallow", "head"], help="shallow: the freeze policy above (the paper); head: only "
+        "the Detailer Head trains, the whole DiT stays the source's (default: head for a lifted init, whose "
+        "converted DiT already samples the source's scenes, else shallow)")
+    add("--loss", choices=["v", "x0"], help="v: plain MSE on v (the paper); x0: the same error weighted by "
+        "max(sigma, 0.05)^2, i.e. MSE on the predicted x0, so that high sigma, where the layout is decided, counts "
+        "as much as low sigma (default: x0 for an x-prediction init, else v)")
     add("--res", type=int, default=1024, help="resolution: shorter side resized, centre crop; a multiple of the patch")
     # precision and memory
     add("--dtype", choices=["bf16", "fp32"], help="weights the network computes with (default: bf16 on CUDA, fp32 "
@@ -119,7 +125,7 @@ def parse_args(argv=None):
     return args
 
 
-RUN_DEFINING = ("seed", "batch_size", "res", "shift", "train_blocks", "strict_freeze", "dtype")  # fixed by --resume
+RUN_DEFINING = ("seed", "batch_size", "res", "shift", "train_blocks", "strict_freeze", "trainable", "loss", "dtype")
 TRAIN_STEPS = 1000  # training sigmas: one of 1000 shifted steps, as the source was trained
 
 
@@ -143,6 +149,8 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
     cfg = l2p_config_of(args.init)
     if args.res % cfg.patch_size:
         raise SystemExit(f"--res {args.res} must be a multiple of the model's patch {cfg.patch_size}")
+    args.trainable = args.trainable or ("head" if cfg.lift_dim else "shallow")
+    args.loss = args.loss or ("x0" if cfg.x_prediction else "v")
     if args.shift is None:  # train on the sigmas the sampler uses at this size
         tokens = (args.res // cfg.patch_size) ** 2
         flux2 = isinstance(cfg, model.Flux2Config)
@@ -202,8 +210,10 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
                                for p in mb["position"]])
             s = sigma.view(-1, 1, 1, 1)
             with ddp.no_sync() if ddp and i < n_micro - 1 else contextlib.nullcontext():
-                v = (ddp or net)(((1 - s) * x0 + s * eps).to(dtype), sigma, cap, cap_mask)
-                per_sample = (v.float() - (eps - x0)).square().mean(dim=(1, 2, 3)) * weight
+                x_sigma = (1 - s) * x0 + s * eps
+                v = (ddp or net)(x_sigma.to(dtype), sigma, cap, cap_mask)
+                loss_weight = sigma.clamp_min(model.X0_MIN_SIGMA) ** 2 if args.loss == "x0" else 1
+                per_sample = (v.float() - (eps - x0)).square().mean(dim=(1, 2, 3)) * loss_weight * weight
                 # the mean over the global batch's readable images (DDP averages the ranks' gradients)
                 (per_sample.sum() * world / max(valid, 1)).backward()
             loss_sum += per_sample.sum().detach()
@@ -570,7 +580,7 @@ def load_for_training(path: Path, args, device: torch.device, master_device: tor
     checkpoint = model.open_checkpoint(path, init=args.init)
     with torch.device("meta"):
         net = model.new_model(checkpoint.cfg)
-    model.set_trainable(net, args.train_blocks, args.strict_freeze)
+    freeze(net, args)
     trained = {n for n, p in net.named_parameters() if p.requires_grad}
     dtype, masters = torch.bfloat16 if args.dtype == "bf16" else torch.float32, {}
 
@@ -581,7 +591,7 @@ def load_for_training(path: Path, args, device: torch.device, master_device: tor
             yield key, tensor
 
     model.assign_weights(net, stream(), checkpoint.layout, device=device, dtype=dtype)
-    model.set_trainable(net, args.train_blocks, args.strict_freeze)  # assignment made new Parameter objects
+    freeze(net, args)  # assignment made new Parameter objects
     net.gradient_checkpointing = args.grad_checkpointing
     if args.compile:
         model.compile_blocks(net)
@@ -602,11 +612,16 @@ HEAD_ROWS_C, HEAD_ROWS_CIN = 8, 4
 GIB = 2 ** 30
 
 
-def plan_counts(cfg: model.ZImageConfig, train_blocks: int, strict: bool) -> dict:
+def freeze(net: "model.ZImageDiT | model.Flux2DiT", args) -> tuple[int, int]:
+    """model.set_trainable with the flags: (trainable, frozen) parameter counts."""
+    return model.set_trainable(net, args.train_blocks, args.strict_freeze, args.trainable == "head")
+
+
+def plan_counts(cfg: model.ZImageConfig, args) -> dict:
     """Parameter counts of the freeze policy, from a meta-device model (no memory)."""
     with torch.device("meta"):
         net = model.new_model(cfg)
-    trainable, frozen = model.set_trainable(net, train_blocks, strict)
+    trainable, frozen = freeze(net, args)
     sizes = [p.numel() for p in net.parameters() if p.requires_grad]
     return dict(trainable=trainable, frozen=frozen, largest=max(sizes), head=[c for _, c in net.local_decoder.levels])
 
@@ -656,7 +671,7 @@ def choose_plan(args, cfg: model.ZImageConfig, caption_tokens: int, world: int, 
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the {world} processes, and "
                          f"--micro-batch {args.micro_batch} must divide the per-process batch {per_rank}")
     try:
-        counts = plan_counts(cfg, args.train_blocks, args.strict_freeze)
+        counts = plan_counts(cfg, args)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     plan = lambda micro, low, zero: memory_plan(cfg, counts, res=args.res, micro_batch=micro, world=world, zero=zero,
@@ -683,7 +698,8 @@ def print_plans(args):
     """--plan-only: the plan of each mode for the real-size L2P (or --init's size), without loading weights."""
     source = model.Flux2Config() if args.size == "flux2" else model.ZImageConfig()
     cfg = l2p_config_of(args.init) if args.init else model.l2p_config(source, 16)
-    counts = plan_counts(cfg, args.train_blocks, args.strict_freeze)
+    args.trainable = args.trainable or ("head" if cfg.lift_dim else "shallow")
+    counts = plan_counts(cfg, args)
     elem = 4 if args.dtype == "fp32" else 2
     print(f"L2P of {type(cfg).__name__.removesuffix('Config')}, p={cfg.patch_size}, dim={cfg.dim}: "
           f"{counts['trainable'] + counts['frozen']:,d} "

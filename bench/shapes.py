@@ -65,16 +65,18 @@ class Plan:
     source_cfg_w: float  # the toy source's CFG, Z-Image convention pos + w (pos - neg)
     pixel_cfg: float  # L2P convention neg + c (pos - neg)
     train_blocks: int
+    lift_lr: float  # --recipe lift: train.py's defaults for a lifted init (the head alone, x0 loss) at this lr
 
 
-# Pixel lr 1e-3 with the head's wide convolutions slowed by their fan-in (--head-lr-fan-in 288): with one lr for
-# everything the deepest decoder conv dies and the output stops depending on the prompt (bench/RESULTS.md).
+# Paper-style recipes: pixel lr 1e-3 with the head's wide convolutions slowed by their fan-in (--head-lr-fan-in 288):
+# with one lr for everything the deepest decoder conv dies and the output stops depending on the prompt. The lifted
+# model trains its head alone, at one higher lr (bench/RESULTS.md).
 QUICK = Plan(corpus_prompts=256, corpus_seeds=2, pixel_steps=600, pixel_batch=16, pixel_lr=1e-3, head_lr_fan_in=288,
              curve_every=200, eval_prompts=24, eval_seeds=2, sample_steps=10, source_cfg_w=2.0, pixel_cfg=2.0,
-             train_blocks=1)
+             train_blocks=1, lift_lr=3e-3)
 FULL = Plan(corpus_prompts=1000, corpus_seeds=2, pixel_steps=4000, pixel_batch=16, pixel_lr=1e-3, head_lr_fan_in=288,
             curve_every=1000, eval_prompts=72, eval_seeds=4, sample_steps=30, source_cfg_w=2.0, pixel_cfg=2.0,
-            train_blocks=1)
+            train_blocks=1, lift_lr=3e-3)
 
 
 def log(msg: str):
@@ -148,22 +150,30 @@ def validation_metrics(ckpt: Path, images: torch.Tensor, cap: torch.Tensor, cap_
     return float(torch.stack(losses).mean()), float((v - v_empty).norm() / v.norm().clamp_min(1e-12))
 
 
-def train_with_curve(name: str, init: Path, corpus: Path, run: Path, plan: Plan, train_blocks: int, score_fn,
-                     log_file: Path, device: str) -> list[dict]:
-    """train.py in segments of curve_every steps (a resumed run equals an uninterrupted one), scored after each:
-    score_fn(checkpoint, tag) -> (ShapeEval dict, validation loss, prompt effect)."""
+def recipe_flags(plan: Plan, recipe: str) -> list:
+    """train.py's optimiser flags for a recipe (the rest follows the init: train.py's defaults)."""
+    if recipe == "lift":
+        return ["--lr", plan.lift_lr]
+    return ["--lr", plan.pixel_lr, "--head-lr-fan-in", plan.head_lr_fan_in]
+
+
+def train_with_curve(name: str, init: Path, corpus: Path, run: Path, plan: Plan, train_blocks: int, flags: list,
+                     score_fn, log_file: Path, device: str) -> list[dict]:
+    """The init scored (step 0), then train.py in segments of curve_every steps (a resumed run equals an
+    uninterrupted one), scored after each: score_fn(checkpoint, tag) -> (ShapeEval dict, validation loss, prompt
+    effect)."""
     shutil.rmtree(run, ignore_errors=True)
     curve = []
-    for step in range(plan.curve_every, plan.pixel_steps + 1, plan.curve_every):
-        script("train.py", "--init", init, "--data", corpus, "--out", run, "--max-steps", step,
-               "--batch-size", plan.pixel_batch, "--lr", plan.pixel_lr, "--head-lr-fan-in", plan.head_lr_fan_in,
-               "--warmup", 20, "--train-blocks", train_blocks,
-               "--res", SIZE, "--dtype", "fp32", "--device", device, "--workers", 0, "--no-grad-checkpointing",
-               "--save-every", plan.curve_every,
-               "--sample-every", plan.pixel_steps, "--sample-steps", plan.sample_steps, "--sample-guidance",
-               plan.pixel_cfg, "--log-every", 25, *(["--resume"] if step > plan.curve_every else []),
-               log_file=log_file)
-        score, val, effect = score_fn(run / "trained.safetensors", f"{name}_step{step}")
+    for step in range(0, plan.pixel_steps + 1, plan.curve_every):
+        if step:
+            script("train.py", "--init", init, "--data", corpus, "--out", run, "--max-steps", step,
+                   "--batch-size", plan.pixel_batch, *flags, "--warmup", 20, "--train-blocks", train_blocks,
+                   "--res", SIZE, "--dtype", "fp32", "--device", device, "--workers", 0, "--no-grad-checkpointing",
+                   "--save-every", plan.curve_every,
+                   "--sample-every", plan.pixel_steps, "--sample-steps", plan.sample_steps, "--sample-guidance",
+                   plan.pixel_cfg, "--log-every", 25, *(["--resume"] if step > plan.curve_every else []),
+                   log_file=log_file)
+        score, val, effect = score_fn(run / "trained.safetensors" if step else init, f"{name}_step{step}")
         curve.append({"step": step, "overall": score["overall"], "val_loss": val, "prompt_effect": effect,
                       "score": score})
         log(f"{name} step {step}: ShapeEval {score['overall']:.3f}, validation loss {val:.4f}, prompt effect "
@@ -210,7 +220,7 @@ def plot_curve(curve: list[dict], reference: dict[str, float], path: Path, size=
     W, H = size
     colours = {name: c for name, c in CURVE_COLOURS.items() if name in curve[0]}
     plot_panel(draw, (60, 60, W // 2 - 30, H - 50), "ShapeEval overall", 1.0,
-               {name: ([(0, 0.0)] + [(p["step"], p[name]) for p in curve], c) for name, c in colours.items()},
+               {name: ([(p["step"], p[name]) for p in curve], c) for name, c in colours.items()},
                {"source": (reference["source"], (120, 120, 120)),
                 "ground truth": (reference["ground truth"], (180, 180, 180))})
     top = max(p[f"{name}_val_loss"] for p in curve for name in colours) * 1.1
@@ -238,7 +248,7 @@ def save_grid(columns: dict[str, np.ndarray], prompts: list[str], path: Path, ro
 def write_report(results: dict, out: Path):
     scores = results["scores"]
     names = list(scores)
-    lines = [f"# bench/shapes.py ({results['mode']})", "",
+    lines = [f"# bench/shapes.py ({results['mode']}, L2P recipe {results['recipe']})", "",
              "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for task in [*shapeworld.TASKS, "overall"]:
         row = [scores[n]["per_task"][task] if task != "overall" else scores[n]["overall"] for n in names]
@@ -251,6 +261,15 @@ def write_report(results: dict, out: Path):
               "| step | model | ShapeEval | validation loss | prompt effect |", "|---|---|---|---|---|"]
     lines += [f"| {p['step']} | {name} | {p[name]:.3f} | {p[name + '_val_loss']:.4f} | "
               f"{p[name + '_prompt_effect']:.3f} |" for p in results["curve"] for name in CURVE_COLOURS if name in p]
+    lines += ["", "Ablation: L2P recipes run in this folder (`--recipe`), the converted model (step 0) and the last "
+              "curve point; time = training + curve evaluations", "",
+              "| recipe | step | ShapeEval | " + " | ".join(shapeworld.TASKS) + " | validation loss | prompt effect | "
+              "seconds |", "|---|" + "---|" * (len(shapeworld.TASKS) + 5)]
+    for name, row in results["ablation"].items():
+        for p in (row["first"], row["last"]):
+            lines.append(f"| {name} | {p['step']} | {p['overall']:.3f} | " + " | ".join(
+                f"{p['score']['per_task'][t]:.3f}" for t in shapeworld.TASKS) + f" | {p['val_loss']:.4f} | "
+                f"{p['prompt_effect']:.3f} | {row['seconds'] or 0:.0f} |")
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["seconds"].items()]
     model.atomic_write(out / "results.md", ("\n".join(lines) + "\n").encode())
@@ -268,6 +287,10 @@ def parse_args(argv=None):
     parser.add_argument("--real-data", action="store_true",
                         help="also train L2P on ground-truth renders of the corpus prompts instead of the source's "
                              "samples (the paper's data ablation): one more curve")
+    parser.add_argument("--recipe", choices=model.RECIPES, default="lift",
+                        help="convert.py's recipe for L2P (scratch keeps its own). Runs of several recipes in one "
+                             "--runs folder share the source, corpus and scratch stages, and the report gains an "
+                             "ablation table of every recipe found there")
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for every stage")
     parser.add_argument("--runs", help="where stages are cached (default bench/runs/shapes-quick or shapes-full)")
     parser.add_argument("--fresh", action="store_true", help="redo every stage (the shipped source is kept)")
@@ -381,16 +404,22 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
         "synth.py", "--src", source, "--prompts", corpus_prompts, "--out", corpus, "--seeds", plan.corpus_seeds,
         "--res", SIZE, "--steps", plan.sample_steps, "--cfg", plan.source_cfg_w, "--shift", SHIFT,
         "--batch-size", 64, "--device", device, "--dtype", "fp32", log_file=log_file), corpus / "metadata.jsonl")
-    init, scratch_init = out / "l2p-init.safetensors", out / "scratch-init.safetensors"
-    stage("convert.py", lambda: script("convert.py", "--src", source, "--out", init, "--patch", 16, "--head-width",
-                                       HEAD_WIDTH, "--seed", args.seed, log_file=log_file), init)
+    recipe = args.recipe
+    init, scratch_init = out / f"l2p-{recipe}-init.safetensors", out / "scratch-init.safetensors"
+    align = ["--align-data", corpus] if recipe in ("embedder", "lift") else []
+    stage(f"convert.py --recipe {recipe}", lambda: script(
+        "convert.py", "--src", source, "--out", init, "--patch", 16, "--head-width", HEAD_WIDTH, "--seed", args.seed,
+        "--recipe", recipe, *align, log_file=log_file), init)
     if not scratch_init.exists():
         random_pixel_init(scratch_init, args.seed)
-    runs = [("l2p", init, corpus, plan.train_blocks), ("scratch", scratch_init, corpus, TOY_DIT.n_layers // 2)]
+    scratch_flags = ["--lr", plan.pixel_lr, "--head-lr-fan-in", plan.head_lr_fan_in]
+    runs = [("l2p", f"l2p-{recipe}", init, corpus, plan.train_blocks, recipe_flags(plan, recipe)),
+            ("scratch", "scratch", scratch_init, corpus, TOY_DIT.n_layers // 2, scratch_flags)]
     if args.real_data:
         stage("ground-truth corpus", lambda: real_data_corpus(corpus, out / "corpus_real", plan, args.seed),
               out / "corpus_real" / "metadata.jsonl")
-        runs.append(("l2p_real", init, out / "corpus_real", plan.train_blocks))
+        runs.append(("l2p_real", f"l2p_real-{recipe}", init, out / "corpus_real", plan.train_blocks,
+                     recipe_flags(plan, recipe)))
 
     text = model.load_text_encoder(source, dtype=torch.float32)
     val_cap, val_mask = text.encode([s.caption for s in sampled_scenes])
@@ -404,16 +433,19 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
         return score, *validation_metrics(ckpt, toysource.to_tensor(source_images), val_cap, val_mask, empty_cap)
 
     curves, pixel_images = {}, {}
-    for name, start, data, blocks in runs:
-        curves[name] = stage(f"train.py + sample.py: {name}", lambda: train_with_curve(
-            name, start, data, out / f"run_{name}", plan, blocks, score_pixel, log_file, device),
-            out / f"curve_{name}.json", keep_json=True)
+    for name, tag, start, data, blocks, flags in runs:
+        curves[name] = stage(f"train.py + sample.py: {tag}", lambda: train_with_curve(
+            tag, start, data, out / f"run_{tag}", plan, blocks, flags, score_pixel, log_file, device),
+            out / f"curve_{tag}.json", keep_json=True)
         scores[name] = curves[name][-1]["score"]
-        pixel_images[name] = read_samples(out / f"samples_{name}_step{curves[name][-1]['step']}")
+        pixel_images[name] = read_samples(out / f"samples_{tag}_step{curves[name][-1]['step']}")
+    ablation = {path.stem.removeprefix("curve_l2p-"): json.loads(path.read_text())
+                for path in sorted(out.glob("curve_l2p-*.json"))}
 
+    l2p_cfg = model.open_checkpoint(init).cfg
     with torch.device("meta"):
-        toy = model.ZImageDiT(model.l2p_config(TOY_DIT, 16, HEAD_WIDTH))
-    trainable, frozen = model.set_trainable(toy, plan.train_blocks)
+        toy = model.ZImageDiT(l2p_cfg)
+    trainable, frozen = model.set_trainable(toy, plan.train_blocks, head_only=bool(l2p_cfg.lift_dim))
     curve = [{"step": points[0]["step"], **{k: v for name, p in zip(curves, points) for k, v in (
         (name, p["overall"]), (f"{name}_val_loss", p["val_loss"]), (f"{name}_prompt_effect", p["prompt_effect"]))}}
         for points in zip(*curves.values())]
@@ -422,7 +454,7 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
                                         if p["l2p"] >= share * scores["source"]["overall"]), None)
                   for share in (0.5, 0.8, 0.93)}
     results = {
-        "mode": mode, "plan": asdict(plan), "milestones": milestones,
+        "mode": mode, "recipe": recipe, "plan": asdict(plan), "milestones": milestones,
         "source": {"sha256": hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest(),
                    "shapeeval_full_protocol": manifest["shapeeval"]["overall"], "commit": manifest["commit"]},
         "overall": {name: scores[name]["overall"] for name in scores},
@@ -430,6 +462,9 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
         "l2p_over_source": scores["l2p"]["overall"] / max(scores["source"]["overall"], 1e-9),
         "trainable_fraction": {"l2p": trainable / (trainable + frozen), "scratch": 1.0},
         "seconds": {**seconds, "total": sum(seconds.values())},
+        "ablation": {name: {"first": points[0], "last": points[-1],
+                            "seconds": seconds.get(f"train.py + sample.py: l2p-{name}")}
+                     for name, points in ablation.items()},
     }
     plot_curve(curve, {"source": scores["source"]["overall"], "ground truth": scores["ground truth"]["overall"]},
                out / "curve.png")

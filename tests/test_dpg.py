@@ -188,7 +188,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpg")
     repo = make_tiny_zimage_repo(root / "Z-Image-Turbo")
     ckpt = root / "l2p.safetensors"
-    convert.main(["--src", str(repo), "--out", str(ckpt)])
+    convert.main(["--src", str(repo), "--out", str(ckpt), "--recipe", "paper"])
     give_head_an_output(ckpt)
     (root / "dpg_bench.csv").write_text(CSV)
     (root / "prompts").mkdir()

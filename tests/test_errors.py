@@ -20,7 +20,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("errors")
     repo = make_tiny_zimage_repo(root / "repo")
     init = root / "init.safetensors"
-    convert.main(["--src", str(repo), "--out", str(init)])
+    convert.main(["--src", str(repo), "--out", str(init), "--recipe", "paper"])
     data = init.read_bytes()
     (root / "truncated.safetensors").write_bytes(data[:len(data) // 2])
     (root / "junk.safetensors").write_text("this is not a checkpoint")

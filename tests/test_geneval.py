@@ -249,7 +249,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("geneval")
     repo = make_tiny_zimage_repo(root / "Z-Image-Turbo")
     ckpt = root / "l2p.safetensors"
-    convert.main(["--src", str(repo), "--out", str(ckpt)])
+    convert.main(["--src", str(repo), "--out", str(ckpt), "--recipe", "paper"])
     give_head_an_output(ckpt)
     metadata = root / "evaluation_metadata.jsonl"
     metadata.write_text("".join(json.dumps(r) + "\n" for r in ROWS))

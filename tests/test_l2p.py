@@ -39,7 +39,7 @@ def source(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(source, tmp_path_factory):
     out = tmp_path_factory.mktemp("l2p") / "l2p-init.safetensors"
-    convert.main(["--src", str(source[1]), "--out", str(out), "--patch", "16"])
+    convert.main(["--src", str(source[1]), "--out", str(out), "--patch", "16", "--recipe", "paper"])
     return give_head_an_output(out)
 
 
@@ -63,14 +63,14 @@ def test_convert_from_comfy_single_file_equals_from_folder(source, converted, tm
     single = save_single_file(to_comfy(ref.state_dict(), prefix="model.diffusion_model.", norm_final=True),
                               tmp_path / "z_image_turbo_bf16.safetensors")
     out = tmp_path / "from-comfy.safetensors"
-    convert.main(["--src", str(single), "--out", str(out)])
+    convert.main(["--src", str(single), "--out", str(out), "--recipe", "paper"])
     a, b = load_file(str(give_head_an_output(out))), load_file(str(converted))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_narrow_head_round_trips_through_convert_and_load(source, tmp_path):
     out = tmp_path / "toy.safetensors"
-    convert.main(["--src", str(source[1]), "--out", str(out), "--head-width", "16"])
+    convert.main(["--src", str(source[1]), "--out", str(out), "--head-width", "16", "--recipe", "paper"])
     toy = model.load_model(out, dtype=torch.float32)
     assert toy.cfg.head_width == 16 and toy.local_decoder.enc1[0].out_channels == 16
     assert toy.local_decoder.enc4[0].out_channels == 128
@@ -220,7 +220,8 @@ print((kib("VmHWM") - base) * 1024)
 def test_convert_streams_a_few_hundred_mb_checkpoint(tmp_path):
     folder, size, _ = write_random_dit_folder(tmp_path / "transformer")
     out = tmp_path / "l2p.safetensors"
-    run = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, "--src", str(folder), "--out", str(out)],
+    run = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, "--src", str(folder), "--out", str(out), "--recipe",
+                          "paper"],
                          capture_output=True, text=True, check=True, cwd=str(ROOT))
     ratio = int(run.stdout.split()[-1]) / size
     print(f"convert.py on a {size / 1e6:.0f} MB checkpoint: peak RSS growth {ratio:.2f}x")

@@ -35,7 +35,8 @@ def repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def init(repo, tmp_path_factory):
     out = tmp_path_factory.mktemp("l2p") / "l2p-klein-init.safetensors"
-    convert.main(["--src", str(repo), "--out", str(out), "--head-width", "16", "--tail-modulation", "1"])
+    convert.main(["--src", str(repo), "--out", str(out), "--head-width", "16", "--tail-modulation", "1",
+                  "--recipe", "paper"])
     return out
 
 

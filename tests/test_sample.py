@@ -20,7 +20,7 @@ def repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(repo, tmp_path_factory):
     out = tmp_path_factory.mktemp("l2p") / "l2p-init.safetensors"
-    convert.main(["--src", str(repo), "--out", str(out)])
+    convert.main(["--src", str(repo), "--out", str(out), "--recipe", "paper"])
     return give_head_an_output(out)
 
 

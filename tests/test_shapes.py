@@ -31,15 +31,17 @@ def test_every_stage_runs_from_the_shipped_source_and_the_l2p_loss_falls(tmp_pat
     assert set(saved["overall"]) == {"ground truth", "vae", "source", "l2p", "scratch", "l2p_real"}
     assert saved["overall"]["ground truth"] >= 0.98
     assert saved["source"]["sha256"] and saved["source"]["shapeeval_full_protocol"] >= 0.5
-    assert [p["step"] for p in saved["curve"]] == [12, 24]
+    assert [p["step"] for p in saved["curve"]] == [0, 12, 24]  # step 0: the converted model, before training
     assert all(0 < p[f"{name}_val_loss"] < 10 and 0 <= p[f"{name}_prompt_effect"] < 10
                for p in saved["curve"] for name in ("l2p", "scratch", "l2p_real"))
     assert 0 < saved["trainable_fraction"]["l2p"] < 1
     assert Image.open(tmp_path / "grid.png").size[0] > 4 * 64 and Image.open(tmp_path / "curve.png").size == (1100, 420)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run_l2p" / "log.jsonl").read_text().splitlines()
+    assert saved["recipe"] == "lift" and set(saved["ablation"]) == {"lift"}
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run_l2p-lift" / "log.jsonl").read_text().splitlines()
               if "loss" in line]
     assert len(losses) >= 4 and sum(losses[-2:]) < sum(losses[:2])
-    assert "| overall |" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "| overall |" in report and "| lift | 0 |" in report
 
 
 def test_an_altered_or_missing_source_is_refused(tmp_path):

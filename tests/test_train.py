@@ -40,7 +40,7 @@ def repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def init(repo, tmp_path_factory):
     out = tmp_path_factory.mktemp("l2p") / "l2p-init.safetensors"
-    convert.main(["--src", str(repo), "--out", str(out)])
+    convert.main(["--src", str(repo), "--out", str(out), "--recipe", "paper"])
     return out
 
 
@@ -156,7 +156,7 @@ def test_cpu_defaults_fp32_and_workers_below_the_core_count(init, synth, tmp_pat
 
 def test_a_moved_run_folder_samples_and_a_stand_in_init_is_refused(repo, synth, tmp_path):
     project = tmp_path / "project"
-    convert.main(["--src", str(repo), "--out", str(project / "l2p-init.safetensors")])
+    convert.main(["--src", str(repo), "--out", str(project / "l2p-init.safetensors"), "--recipe", "paper"])
     run(project / "l2p-init.safetensors", synth, project / "runs" / "a", "--max-steps", "2", "--lr", "1e-3")
     moved = tmp_path / "elsewhere" / "project"
     (project.parent / "elsewhere").mkdir()
@@ -176,7 +176,7 @@ def test_a_moved_run_folder_samples_and_a_stand_in_init_is_refused(repo, synth, 
     loaded = model.load_model(alone / "trained.safetensors", dtype=torch.float32, init=moved / "l2p-init.safetensors")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
     other = tmp_path / "other-init.safetensors"
-    convert.main(["--src", str(repo), "--out", str(other), "--seed", "1"])
+    convert.main(["--src", str(repo), "--out", str(other), "--seed", "1", "--recipe", "paper"])
     with pytest.raises(model.CheckpointError, match="is not the init"):
         model.load_model(alone / "trained.safetensors", init=other)
 

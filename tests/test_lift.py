@@ -1,0 +1,207 @@
+"""The latent-aligned conversion (convert.py --recipe lift): the Procrustes fit, its extension to larger patches, the
+lifted pixel model at step 0 against the source in closed form (both families), the recipes' layouts at real size,
+and the paper's recipe unchanged."""
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import convert
+import model
+from tiny import make_diffusers_dit, make_tiny_klein_repo, read_format
+from tiny_vae import save_tiny_vae
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def planted(d=64, P=768, scale=0.7, seed=0, n=4000):
+    """Pixel patches x that are s basis^T z for latent tokens z of unequal spread: x = s basis^T z exactly."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(P, d, generator=g, dtype=torch.float64))[0].T  # orthonormal rows
+    z = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, d, dtype=torch.float64)
+    return basis, scale, scale * z @ basis, z
+
+
+def test_fit_recovers_a_planted_orthonormal_map_and_scale():
+    basis, scale, x, z = planted()
+    fitted, s, fit = model.fit_lift((x[i:i + 700], z[i:i + 700]) for i in range(0, len(x), 700))
+    assert rel(fitted, basis) < 1e-5 and abs(s.item() - scale) / scale < 1e-5
+    assert fit["latent_energy_unexplained"] < 1e-8 and abs(fit["pixel_energy_in_subspace"] - 1) < 1e-8
+    # pixel detail outside the subspace and noise on the latents: the map is still found, and the fit reports the
+    # share of the pixel energy outside and of the latent energy it leaves unexplained
+    basis, scale, x, z = planted(n=20000)
+    g = torch.Generator().manual_seed(1)
+    detail = torch.randn(x.shape, generator=g, dtype=torch.float64) * x.std() / 3
+    detail -= detail @ basis.T @ basis
+    noisy = z + 0.3 * z.std() * torch.randn(z.shape, generator=g, dtype=torch.float64)
+    fitted, s, fit = model.fit_lift([(x + detail, noisy)])
+    assert rel(fitted, basis) < 0.1 and 0.05 < fit["latent_energy_unexplained"] < 0.2
+    inside = (x.square().sum() / (x + detail).square().sum()).item()  # the planted basis holds x, not the detail
+    assert abs(fit["pixel_energy_in_subspace"] - inside) < 0.01
+
+
+def test_extended_lift_is_the_fit_on_the_area_downsampled_image():
+    basis, scale, _, _ = planted(d=16, P=4 * 4 * 3, n=1)
+    big, s2 = model.extend_lift(basis.float(), torch.tensor(scale), 2)
+    assert big.shape == (16, 8 * 8 * 3) and abs(s2.item() - 2 * scale) < 1e-6
+    assert torch.allclose(big @ big.T, torch.eye(16), atol=1e-6)  # still orthonormal: noise stays unit noise
+    x = torch.randn(3, 3, 16, 16)
+    small = torch.nn.functional.avg_pool2d(x, 2)
+    lhs = model.patchify(x, 8) @ big.T
+    rhs = 2 * model.patchify(small, 4) @ basis.float().T
+    assert rel(lhs, rhs) < 1e-6
+
+
+# ---- the lifted model at step 0, through convert.py, on tiny repos of both families ----
+
+def align_images(folder: Path, n: int = 6, size: int = 64) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):  # smooth random images: a few blurred blobs of colour
+        img = rng.normal(size=(size // 8, size // 8, 3))
+        Image.fromarray(np.uint8(np.clip(128 + 60 * np.kron(img, np.ones((8, 8, 1))), 0, 255))).save(
+            folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def zimage_repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("Z-Image")
+    make_diffusers_dit().save_pretrained(root / "transformer")
+    save_tiny_vae(root / "vae")
+    return root
+
+
+def closed_form_lift(source, lift_basis, lift_scale, x, sigma, cap, mask, latent_patch, p):
+    """The source's own prediction on the projected input, lifted back: written out from the construction."""
+    B, _, H, W = x.shape
+    s = lift_scale.double()
+    k = 1 / (s + (1 - s) * sigma.double())
+    t = H // p * latent_patch  # latent positions per side
+    z_in = model.unpatchify((model.patchify(x.double() * k.view(-1, 1, 1, 1), p) @ lift_basis.double().T).float(),
+                            latent_patch, t, W // p * latent_patch)
+    v_latent = source(z_in, (k * sigma).float(), cap, mask).double()
+    z0 = z_in.double() - (k * sigma).view(-1, 1, 1, 1) * v_latent
+    x0 = model.unpatchify(s * model.patchify(z0, latent_patch) @ lift_basis.double(), p, H, W)
+    return (x.double() - x0) / sigma.double().clamp_min(model.X0_MIN_SIGMA).view(-1, 1, 1, 1)
+
+
+def test_lifted_zimage_at_step_0_is_the_source_in_closed_form(zimage_repo, tmp_path):
+    out = tmp_path / "lift.safetensors"
+    convert.main(["--src", str(zimage_repo), "--out", str(out), "--head-width", "16", "--align-data",
+                  str(align_images(tmp_path / "images"))])
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["l2p_recipe"] == "lift" and meta["align_images"] == "6"
+    net = model.load_model(out, dtype=torch.float32)
+    assert net.cfg.lift_dim == 64 and net.cfg.x_prediction and net.cfg.head_sigma
+    source = model.load_model(zimage_repo, dtype=torch.float32)
+    # the kept final layer is the source's, bit for bit; the embedder is the source's read through the basis
+    assert torch.equal(net.all_final_layer["2-1"].linear.weight, source.all_final_layer["2-1"].linear.weight)
+    assert rel(net.all_x_embedder["16-1"].weight, source.all_x_embedder["2-1"].weight @ net.lift.basis) < 1e-6
+    assert torch.allclose(net.lift.basis @ net.lift.basis.T, torch.eye(64), atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    x, cap = torch.randn(2, 3, 32, 48, generator=g), torch.randn(2, 7, 24, generator=g)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    for sigma in (torch.tensor([0.9, 0.3]), torch.tensor([1.0, 0.02])):
+        with torch.no_grad():
+            ours, reference = net(x, sigma, cap, mask), closed_form_lift(source, net.lift.basis, net.lift.scale, x,
+                                                                         sigma, cap, mask, 2, 16)
+        assert rel(ours, reference) < 1e-5
+    # guards the test: a head that is not zero moves v away from the source's
+    with torch.no_grad():
+        net.local_decoder.out_conv.bias.fill_(0.01)
+        assert rel(net(x, sigma, cap, mask), reference) > 1e-3
+
+
+def test_lifted_klein_at_step_0_is_the_source_in_closed_form(tmp_path_factory, tmp_path):
+    repo = make_tiny_klein_repo(tmp_path_factory.mktemp("klein"), distilled=False, text_layers=3)
+    out = tmp_path / "lift.safetensors"
+    convert.main(["--src", str(repo), "--out", str(out), "--head-width", "16", "--align-data",
+                  str(align_images(tmp_path / "images"))])
+    net = model.load_model(out, dtype=torch.float32)
+    source = model.load_model(repo, dtype=torch.float32)
+    assert net.cfg.lift_dim == source.cfg.in_channels and torch.equal(net.proj_out.weight, source.proj_out.weight)
+    # the tiny VAE's token is 4 x 4 pixels: the lift was fitted there and extended to 16 x 16 (area downsample)
+    latent_patch = 1
+    g = torch.Generator().manual_seed(0)
+    x, cap = torch.randn(2, 3, 32, 48, generator=g), torch.randn(2, 5, source.cfg.joint_attention_dim, generator=g)
+    sigma = torch.tensor([0.8, 0.1])
+    with torch.no_grad():
+        ours = net(x, sigma, cap, None)
+        reference = closed_form_lift(source, net.lift.basis, net.lift.scale, x, sigma, cap, None, latent_patch, 16)
+    assert rel(ours, reference) < 1e-5
+
+
+# ---- the paper's recipe, unchanged ----
+
+PAPER_SHA256 = "34ec25504e64bd72f75ec8a0bb9393a288678fa10453eea23bcb3d680bf3529e"  # convert.py before the recipes
+
+
+def test_paper_recipe_writes_what_convert_wrote_before_the_recipes(tmp_path):
+    make_diffusers_dit().save_pretrained(tmp_path / "transformer", max_shard_size="100KB")
+    out = tmp_path / "paper.safetensors"
+    convert.main(["--src", str(tmp_path / "transformer"), "--out", str(out), "--patch", "16", "--recipe", "paper"])
+    data = out.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    del header["__metadata__"]["source"]  # the source's path, which differs from run to run
+    assert hashlib.sha256(json.dumps(header, sort_keys=True).encode() + data[8 + n:]).hexdigest() == PAPER_SHA256
+    net = model.load_model(out, dtype=torch.float32)
+    assert not (net.cfg.lift_dim or net.cfg.x_prediction or net.cfg.head_sigma)
+    # it samples exactly as before: v = -(the head on the noisy image and the raw last-layer tokens)
+    torch.nn.init.normal_(net.local_decoder.out_conv.weight, std=0.1)
+    g = torch.Generator().manual_seed(0)
+    x, cap, sigma = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 5, 24, generator=g), torch.tensor([.7, .2])
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        hidden, _ = net.transformer(model.patchify(x, 16), (2, 2), sigma, cap, mask)
+        before = -net.local_decoder(x, hidden.transpose(1, 2).unflatten(2, (2, 2))).float()
+        assert torch.equal(net(x, sigma, cap, mask), before)
+
+
+def test_recipes_need_their_inputs(zimage_repo, tmp_path):
+    with pytest.raises(SystemExit, match="--align-data"):
+        convert.main(["--src", str(zimage_repo), "--out", str(tmp_path / "a.safetensors")])
+    with pytest.raises(SystemExit, match="fits nothing"):
+        convert.main(["--src", str(zimage_repo), "--out", str(tmp_path / "b.safetensors"), "--recipe", "x0",
+                      "--align-data", str(tmp_path)])
+    single = next((zimage_repo / "transformer").glob("*.safetensors"))
+    with pytest.raises(SystemExit, match="--vae"):
+        convert.main(["--src", str(single), "--out", str(tmp_path / "c.safetensors"), "--align-data",
+                      str(align_images(tmp_path / "i"))])
+
+
+# ---- real size, meta device ----
+
+@pytest.mark.parametrize("family,name,table,latent_keys", [
+    ("zimage", "l2p-lift-1k", "l2p-1k", {"all_final_layer.2-1.adaLN_modulation.1.bias",
+                                         "all_final_layer.2-1.adaLN_modulation.1.weight",
+                                         "all_final_layer.2-1.linear.bias", "all_final_layer.2-1.linear.weight"}),
+    ("flux2", "l2p-lift-flux2-klein-1k", "l2p-flux2-klein-1k", {"norm_out.linear.weight", "proj_out.weight"})])
+def test_real_size_lifted_layouts(family, name, table, latent_keys):
+    source = model.ZImageConfig() if family == "zimage" else model.Flux2Config()
+    with torch.device("meta"):
+        net = model.new_model(model.l2p_config(source, 16, recipe="lift", head_sigma=True))
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert shapes == read_format(name)  # committed beside the published tables
+    paper = read_format(table)
+    first = "local_decoder.enc1.0.weight"
+    # the released layout + the source's output layer (as the source names it) + the lift; the head reads sigma
+    assert set(shapes) - set(paper) == latent_keys | {"lift.basis", "lift.scale"} and set(paper) <= set(shapes)
+    assert shapes[first] == paper[first][:1] + (4,) + paper[first][2:]
+    assert all(shapes[k] == paper[k] for k in paper if k != first)
+    d = 64 if family == "zimage" else 128
+    assert shapes["lift.basis"] == (d, 768) and shapes["lift.scale"] == ()
+    assert model.set_trainable(net, head_only=True)[0] == sum(
+        math.prod(s) for k, s in shapes.items() if k.startswith("local_decoder."))
