@@ -178,12 +178,15 @@ def count(specs) -> int:
 
 
 def merge(source: model.DiTCheckpoint, out: Path, cast: torch.dtype | None, args):
-    """init + trained tensors -> one full checkpoint in the released layout."""
-    convert = lambda t: t.to(cast) if cast is not None and t.is_floating_point() else t
-    specs = {k: convert(t) for k, t in source.tensors(meta=True)}
+    """init + trained tensors -> one full checkpoint in the released layout, with the init's recipe (the lift stays
+    in fp32)."""
+    convert = lambda k, t: t.to(cast) if cast is not None and t.is_floating_point() and k[:5] != "lift." else t
+    specs = {k: convert(k, t) for k, t in source.tensors(meta=True)}
     metadata = {"format": "l2p", "l2p_patch": str(source.cfg.patch_size), "merged_from": str(args.src),
                 "dtype": args.dtype, "written_by": "convert.py"}
-    model.write_safetensors(out, ((k, convert(t)) for k, t in source.tensors()), metadata, specs=specs)
+    metadata.update({k: v for k, v in model.safetensors_metadata(source.files[0]).items()
+                     if k == "l2p_recipe" or k.startswith("align_")})
+    model.write_safetensors(out, ((k, convert(k, t)) for k, t in source.tensors()), metadata, specs=specs)
     trained = len(model.safetensors_shapes([source.trained]))
     print(f"merged  {source.layout}: {len(specs)} tensors ({trained} trained), {count(specs):,d} params -> {out} "
           f"({out.stat().st_size / 1e9:.2f} GB)")

@@ -1347,10 +1347,11 @@ def single_file_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], str]:
 
 def l2p_fields(shapes: dict[str, tuple[int, ...]], patch_size: int, recipe: str | None) -> dict:
     """The pixel model's recipe fields (config) from its shapes and the recipe its metadata records (none: the
-    paper's, as in the released files)."""
+    paper's, as in the released files); a lifted model predicts x0 whatever its metadata says."""
     first_conv = f"local_decoder.enc{DETAILER_LEVELS[-int(math.log2(patch_size))][0]}.0.weight"
+    lift_dim = shapes.get("lift.basis", (0,))[0]
     return dict(head_width=shapes["local_decoder.enc1.0.weight"][0], head_sigma=shapes[first_conv][1] == 4,
-                lift_dim=shapes.get("lift.basis", (0,))[0], x_prediction=recipe in ("x0", "lift"))
+                lift_dim=lift_dim, x_prediction=bool(lift_dim) or recipe == "x0")
 
 
 def zimage_config_from_shapes(shapes: dict[str, tuple[int, ...]], patch_size: int, in_channels: int,

@@ -10,6 +10,8 @@ The objective is written out in the loop (L2P.md): x0 in [-1, 1], sigma one of 1
 x_sigma = (1 - sigma) x0 + sigma eps, plain fp32 MSE between v and eps - x0. Every draw is seeded by the sample's
 global position: any number of processes or micro-batches gives the same run, and --resume continues it exactly.
 An init converted from FLUX.2 [klein] trains the same way, on sigmas shifted as its sampler's (exp(mu), 7.56 at 1024^2).
+An init of convert.py's lift recipe (the converted model already samples the source's scenes) trains its Detailer Head
+alone on the x0 error (--trainable head --loss x0, its defaults); the other recipes train the shallow layers.
 
 The network computes in --dtype (bf16 on CUDA, fp32 on the CPU); AdamW updates fp32 masters of the trained tensors
 (model.set_trainable's policy), copied back after each step. Gradients: in one process a post-accumulate-grad hook

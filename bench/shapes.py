@@ -17,9 +17,10 @@ and a baseline: the same pixel architecture trained from scratch, every layer tr
                                                 #   data ablation: the source's own samples should win)
 
 Finished stages are cached under --runs with their wall time (--fresh redoes them). Output: results.md +
-results.json (per-task and overall ShapeEval, trainable fraction, seconds per stage, the convergence curve: ShapeEval,
-the validation loss on held-out source samples and the prompt effect, for L2P and scratch), curve.png and grid.png
-(source | L2P | scratch for the same prompts and seeds). The last line printed is the JSON's path.
+results.json (per-task and overall ShapeEval, trainable fraction, seconds per stage, the convergence curve from step 0:
+ShapeEval, the validation losses on held-out source samples and the prompt effect, for L2P and scratch; the ablation
+of every L2P recipe run in the folder), curve.png, grid.png (source | L2P | scratch for the same prompts and seeds)
+and grid_step0.png (source | the converted L2P model before training). The last line printed is the JSON's path.
 """
 
 import argparse
@@ -132,22 +133,25 @@ PROMPT_EFFECT_SIGMA = 0.9  # where the layout is decided: the toy source's own v
 
 @torch.no_grad()
 def validation_metrics(ckpt: Path, images: torch.Tensor, cap: torch.Tensor, cap_mask: torch.Tensor,
-                       empty: torch.Tensor) -> tuple[float, float]:
-    """(validation loss, prompt effect) on held-out images (the source's samples for the evaluation prompts).
+                       empty: torch.Tensor) -> tuple[float, float, float]:
+    """(validation loss, prompt effect, x0 validation loss) on held-out images (the source's samples for the
+    evaluation prompts).
 
     The loss is the flow-matching loss at fixed sigmas and noise: a continuous measure of convergence that moves
-    before ShapeEval, which needs well-formed objects. It can fall while the model ignores the prompt (the noisy
+    before ShapeEval, which needs well-formed objects; the x0 loss is the same error on x0 = x_sigma - sigma v
+    (sigma^2 times it), the objective of train.py --loss x0. It can fall while the model ignores the prompt (the noisy
     image alone says much about v), so the prompt effect, |v(prompt) - v(empty prompt)| / |v(prompt)| at
     sigma = PROMPT_EFFECT_SIGMA, shows whether the caption reaches the output at all (0 = deaf)."""
     net = model.load_model(ckpt, dtype=torch.float32).eval()
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
     losses = [(net((1 - s) * images + s * noise, torch.full((len(images),), s), cap, cap_mask) - (noise - images))
               .square().mean() for s in VAL_SIGMAS]
+    x0_loss = float(sum(s * s * loss for s, loss in zip(VAL_SIGMAS, losses)) / len(VAL_SIGMAS))
     s = torch.full((len(images),), PROMPT_EFFECT_SIGMA)
     x = (1 - PROMPT_EFFECT_SIGMA) * images + PROMPT_EFFECT_SIGMA * noise
     v = net(x, s, cap, cap_mask)
     v_empty = net(x, s, empty.expand(len(images), -1, -1), torch.ones(len(images), empty.shape[1], dtype=torch.bool))
-    return float(torch.stack(losses).mean()), float((v - v_empty).norm() / v.norm().clamp_min(1e-12))
+    return float(torch.stack(losses).mean()), float((v - v_empty).norm() / v.norm().clamp_min(1e-12)), x0_loss
 
 
 def recipe_flags(plan: Plan, recipe: str) -> list:
@@ -161,7 +165,7 @@ def train_with_curve(name: str, init: Path, corpus: Path, run: Path, plan: Plan,
                      score_fn, log_file: Path, device: str) -> list[dict]:
     """The init scored (step 0), then train.py in segments of curve_every steps (a resumed run equals an
     uninterrupted one), scored after each: score_fn(checkpoint, tag) -> (ShapeEval dict, validation loss, prompt
-    effect)."""
+    effect, x0 validation loss)."""
     shutil.rmtree(run, ignore_errors=True)
     curve = []
     for step in range(0, plan.pixel_steps + 1, plan.curve_every):
@@ -173,11 +177,11 @@ def train_with_curve(name: str, init: Path, corpus: Path, run: Path, plan: Plan,
                    "--sample-every", plan.pixel_steps, "--sample-steps", plan.sample_steps, "--sample-guidance",
                    plan.pixel_cfg, "--log-every", 25, *(["--resume"] if step > plan.curve_every else []),
                    log_file=log_file)
-        score, val, effect = score_fn(run / "trained.safetensors" if step else init, f"{name}_step{step}")
-        curve.append({"step": step, "overall": score["overall"], "val_loss": val, "prompt_effect": effect,
-                      "score": score})
-        log(f"{name} step {step}: ShapeEval {score['overall']:.3f}, validation loss {val:.4f}, prompt effect "
-            f"{effect:.3f}")
+        score, val, effect, val_x0 = score_fn(run / "trained.safetensors" if step else init, f"{name}_step{step}")
+        curve.append({"step": step, "overall": score["overall"], "val_loss": val, "val_x0_loss": val_x0,
+                      "prompt_effect": effect, "score": score})
+        log(f"{name} step {step}: ShapeEval {score['overall']:.3f}, validation loss {val:.4f} (x0 {val_x0:.4f}), "
+            f"prompt effect {effect:.3f}")
     return curve
 
 
@@ -214,19 +218,23 @@ CURVE_COLOURS = {"l2p": (200, 40, 40), "scratch": (40, 90, 200), "l2p_real": (23
 
 
 def plot_curve(curve: list[dict], reference: dict[str, float], path: Path, size=(1100, 420)):
-    """Left: ShapeEval against training steps (the source and ground truth dashed); right: the validation loss."""
+    """Left: ShapeEval against training steps (the source and ground truth dashed); then the validation loss on v
+    and on x0 (from step 0 on, where the losses of a fresh head are off the scale: the axes start at step 1)."""
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     W, H = size
     colours = {name: c for name, c in CURVE_COLOURS.items() if name in curve[0]}
-    plot_panel(draw, (60, 60, W // 2 - 30, H - 50), "ShapeEval overall", 1.0,
+    plot_panel(draw, (60, 60, W * 5 // 11 - 30, H - 50), "ShapeEval overall", 1.0,
                {name: ([(p["step"], p[name]) for p in curve], c) for name, c in colours.items()},
                {"source": (reference["source"], (120, 120, 120)),
                 "ground truth": (reference["ground truth"], (180, 180, 180))})
-    top = max(p[f"{name}_val_loss"] for p in curve for name in colours) * 1.1
-    plot_panel(draw, (W // 2 + 60, 60, W - 30, H - 50), "validation loss (held-out source samples)", top,
-               {name: ([(p["step"], p[f"{name}_val_loss"]) for p in curve], c) for name, c in colours.items()},
-               {})
+    trained = [p for p in curve if p["step"]] or curve
+    for i, (key, title) in enumerate((("val_loss", "validation loss (v)"), ("val_x0_loss", "validation loss (x0)"))):
+        x0 = W * 5 // 11 + 60 + i * (W * 6 // 11) // 2
+        top = max(p[f"{name}_{key}"] for p in trained for name in colours) * 1.1
+        plot_panel(draw, (x0, 60, x0 + (W * 6 // 11) // 2 - 80, H - 50), title, top,
+                   {name: ([(p["step"], p[f"{name}_{key}"]) for p in trained], c) for name, c in colours.items()},
+                   {})
     img.save(path)
 
 
@@ -258,18 +266,20 @@ def write_report(results: dict, out: Path):
                   f"{share} at {m['step']} ({m['scratch']:.3f})" if m else f"{share} not reached"
                   for share, m in results["milestones"].items()),
               f"trainable fraction: L2P {results['trainable_fraction']['l2p']:.1%}, scratch 100%", "",
-              "| step | model | ShapeEval | validation loss | prompt effect |", "|---|---|---|---|---|"]
+              "| step | model | ShapeEval | validation loss | x0 validation loss | prompt effect |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {p['step']} | {name} | {p[name]:.3f} | {p[name + '_val_loss']:.4f} | "
-              f"{p[name + '_prompt_effect']:.3f} |" for p in results["curve"] for name in CURVE_COLOURS if name in p]
+              f"{p[name + '_val_x0_loss']:.4f} | {p[name + '_prompt_effect']:.3f} |"
+              for p in results["curve"] for name in CURVE_COLOURS if name in p]
     lines += ["", "Ablation: L2P recipes run in this folder (`--recipe`), the converted model (step 0) and the last "
               "curve point; time = training + curve evaluations", "",
-              "| recipe | step | ShapeEval | " + " | ".join(shapeworld.TASKS) + " | validation loss | prompt effect | "
-              "seconds |", "|---|" + "---|" * (len(shapeworld.TASKS) + 5)]
+              "| recipe | step | ShapeEval | " + " | ".join(shapeworld.TASKS) + " | validation loss | x0 validation loss "
+              "| prompt effect | seconds |", "|---|" + "---|" * (len(shapeworld.TASKS) + 6)]
     for name, row in results["ablation"].items():
         for p in (row["first"], row["last"]):
             lines.append(f"| {name} | {p['step']} | {p['overall']:.3f} | " + " | ".join(
                 f"{p['score']['per_task'][t]:.3f}" for t in shapeworld.TASKS) + f" | {p['val_loss']:.4f} | "
-                f"{p['prompt_effect']:.3f} | {row['seconds'] or 0:.0f} |")
+                f"{p['val_x0_loss']:.4f} | {p['prompt_effect']:.3f} | {row['seconds'] or 0:.0f} |")
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["seconds"].items()]
     model.atomic_write(out / "results.md", ("\n".join(lines) + "\n").encode())
@@ -426,7 +436,7 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
     empty_cap = text.encode([""])[0]
     del text
 
-    def score_pixel(ckpt: Path, tag: str) -> tuple[dict, float, float]:
+    def score_pixel(ckpt: Path, tag: str) -> tuple[dict, float, float, float]:
         sample_with_script(out / f"samples_{tag}", eval_prompts, plan, log_file, device, ckpt=ckpt,
                            text_encoder=source)
         score = shapeworld.score(list(read_samples(out / f"samples_{tag}")), sampled_scenes)
@@ -447,7 +457,8 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
         toy = model.ZImageDiT(l2p_cfg)
     trainable, frozen = model.set_trainable(toy, plan.train_blocks, head_only=bool(l2p_cfg.lift_dim))
     curve = [{"step": points[0]["step"], **{k: v for name, p in zip(curves, points) for k, v in (
-        (name, p["overall"]), (f"{name}_val_loss", p["val_loss"]), (f"{name}_prompt_effect", p["prompt_effect"]))}}
+        (name, p["overall"]), (f"{name}_val_loss", p["val_loss"]), (f"{name}_val_x0_loss", p["val_x0_loss"]),
+        (f"{name}_prompt_effect", p["prompt_effect"]))}}
         for points in zip(*curves.values())]
     # the paper's GenEval ratio (L2P / source) is 0.93: the first curve point where L2P reaches each share of the source
     milestones = {f"{share:.0%}": next(({"step": p["step"], "l2p": p["l2p"], "scratch": p["scratch"]} for p in curve
@@ -469,6 +480,8 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
     plot_curve(curve, {"source": scores["source"]["overall"], "ground truth": scores["ground truth"]["overall"]},
                out / "curve.png")
     save_grid({"source": source_images, **pixel_images}, [s.caption for s in sampled_scenes], out / "grid.png")
+    save_grid({"source": source_images, "l2p step 0": read_samples(out / f"samples_l2p-{recipe}_step0")},
+              [s.caption for s in sampled_scenes], out / "grid_step0.png")  # the converted model, before training
     write_report(results, out)
     print((out / "results.md").read_text())
     print(out / "results.json")

@@ -118,6 +118,14 @@ def test_lifted_zimage_at_step_0_is_the_source_in_closed_form(zimage_repo, tmp_p
             ours, reference = net(x, sigma, cap, mask), closed_form_lift(source, net.lift.basis, net.lift.scale, x,
                                                                          sigma, cap, mask, 2, 16)
         assert rel(ours, reference) < 1e-5
+    # a run's checkpoint over this init merges into one file that keeps the recipe (a stand-in for train.py's)
+    trained = {k: v + 0.01 for k, v in load_file(str(out)).items() if k.startswith("local_decoder.")}
+    run = tmp_path / "trained.safetensors"
+    model.write_safetensors(run, trained, model.trained_metadata(out, run))
+    convert.main(["--src", str(run), "--out", str(tmp_path / "merged.safetensors"), "--dtype", "bf16"])
+    merged = model.load_model(tmp_path / "merged.safetensors", dtype=torch.float32)
+    assert merged.cfg == net.cfg and merged.lift.basis.dtype == torch.float32
+    assert torch.equal(merged.lift.basis, net.lift.basis)
     # guards the test: a head that is not zero moves v away from the source's
     with torch.no_grad():
         net.local_decoder.out_conv.bias.fill_(0.01)

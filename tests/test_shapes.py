@@ -84,9 +84,9 @@ def test_the_prompt_effect_sees_a_head_that_has_gone_deaf_to_the_tokens(tmp_path
                                        {"format": "l2p", "l2p_patch": "16"})
         return shapes.validation_metrics(path, images, cap, mask, empty)
 
-    loss, hearing = metrics("hearing")
+    loss, hearing, _ = metrics("hearing")
     with torch.no_grad():  # the bottleneck's token inputs cut: the only way the caption reaches the output
         net.local_decoder.bottleneck[0].weight[:, -shapes.TOY_DIT.dim:] = 0
-    deaf_loss, deaf = metrics("deaf")
+    deaf_loss, deaf, _ = metrics("deaf")
     assert hearing > 0.01 and deaf == 0.0
     assert 0 < loss < 10 and 0 < deaf_loss < 10
