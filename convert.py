@@ -1,16 +1,19 @@
 """
 Turn a latent source (Z-Image, or FLUX.2 [klein]) into the L2P pixel model's initial checkpoint.
 
-    python convert.py --src Z-Image-Turbo/ --out l2p-init-1k.safetensors              # 1K: 16x16 RGB patches
-    python convert.py --src Z-Image/ --out l2p-init-4k.safetensors --patch 64         # native 4K
-    python convert.py --src FLUX.2-klein-base-4B/ --out l2p-klein-init-1k.safetensors # the MMDiT source
-    python convert.py --src runs/l2p/trained.safetensors --out l2p-1k.safetensors     # merge init + trained
+    python convert.py --src Z-Image-Turbo/ --out l2p-init-1k.safetensors --align-data data/zt   # 1K, the lift
+    python convert.py --src Z-Image/ --out l2p-init-4k.safetensors --patch 64 --align-data data/z  # native 4K
+    python convert.py --src FLUX.2-klein-base-4B/ --out l2p-klein-init-1k.safetensors --align-data data/k
+    python convert.py --src Z-Image-Turbo/ --out l2p-paper-1k.safetensors --recipe paper         # the paper's init
+    python convert.py --src runs/l2p/trained.safetensors --out l2p-1k.safetensors                # merge init + trained
 
 Every source tensor whose name and shape fit the pixel model is copied bit for bit (blocks, refiners, timestep and
-caption embedders, modulations, pad tokens); the latent patch embedder and the output layer are dropped; the new
-RGB patch embedder (Z-Image: all_x_embedder.{p}-1, as the released L2P files; FLUX.2: pixel_embedder, without bias
-like every FLUX.2 layer) and the Detailer Head local_decoder are initialised from --seed. Tensors stream from the
-source to the output one at a time, so a 24 GB checkpoint converts on a machine with less memory than that.
+caption embedders, modulations, pad tokens); the latent patch embedder is dropped; the new RGB patch embedder
+(Z-Image: all_x_embedder.{p}-1, as the released L2P files; FLUX.2: pixel_embedder, without bias like every FLUX.2
+layer) and the Detailer Head local_decoder are created. --recipe paper initialises them from --seed and drops the
+output layer too; the default --recipe lift fits the embedder to the source through its VAE on --align-data (a
+synth.py output), keeps the output layer and the fit, and teaches the head to decode (--head-steps). Tensors stream
+from the source to the output one at a time, so a 24 GB checkpoint converts on a machine with less memory than that.
 
 Given a train.py checkpoint (only the trained tensors + the path of their init), it writes instead the merged full
 checkpoint (for Z-Image in the released L2P layout, which other L2P code can load).
@@ -58,7 +61,16 @@ def parse_args(argv=None):
                         help="where the fit runs the VAE encoder (bf16 on CUDA, fp32 on the CPU); the conversion "
                              "itself streams on the CPU")
     parser.add_argument("--head-sigma", action=argparse.BooleanOptionalAction,
-                        help="the Detailer Head reads sigma as a fourth input channel (default: with --recipe lift)")
+                        help="the Detailer Head reads sigma as an input channel (default: with --recipe lift)")
+    parser.add_argument("--head-lift", action=argparse.BooleanOptionalAction,
+                        help="the Detailer Head reads the lifted prediction as 3 more input channels (default: with "
+                             "--recipe lift)")
+    parser.add_argument("--head-steps", type=int,
+                        help="--recipe lift: steps that teach the Detailer Head to turn the lifted latent of each "
+                             "--align-data image into the image (the VAE decoder's job; no DiT pass) before any "
+                             "training (default 2000; 0: the head starts at zero, the converted model is the source)")
+    parser.add_argument("--head-lr", type=float, default=3e-3, help="AdamW learning rate of those steps")
+    parser.add_argument("--head-batch", type=int, default=16, help="crops per step of those steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new patch embedder and head")
     parser.add_argument("--tail-modulation", type=int, default=0, metavar="N",
                         help="FLUX.2: give the last N single-stream blocks a private copy of the shared single-stream "
@@ -75,8 +87,14 @@ def parse_args(argv=None):
         parser.error(f"--head-width {args.head_width}: use a positive multiple of 8")
     if args.align_images < 1:
         parser.error(f"--align-images must be at least 1, got {args.align_images}")
-    if args.head_sigma is None:
-        args.head_sigma = args.recipe == "lift"
+    lift = args.recipe == "lift"
+    args.head_sigma = lift if args.head_sigma is None else args.head_sigma
+    args.head_lift = lift if args.head_lift is None else args.head_lift
+    args.head_steps = (2000 if lift else 0) if args.head_steps is None else args.head_steps
+    if args.head_steps < 0 or args.head_batch < 1 or not args.head_lr > 0:
+        parser.error("--head-steps must be at least 0, --head-batch at least 1 and --head-lr positive")
+    if not lift and (args.head_lift or args.head_steps):
+        parser.error(f"--head-lift and --head-steps need --recipe lift, not {args.recipe}")
     return args
 
 
@@ -107,10 +125,10 @@ def read_align_images(folder: Path, count: int, patch: int):
         yield torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-def fit_to_source(args, vae_path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def fit_to_source(args, vae_path) -> tuple[torch.Tensor, torch.Tensor, dict, list]:
     """The lift of --patch pixels onto the source's latent tokens, fitted on the --align-data images area-downsampled
     to the source's 1K token grid (model.fit_lift at the source's token size t, then model.extend_lift by p / t),
-    and how well it fits."""
+    how well it fits, and (with --head-steps) each image with its latent tokens on the p-patch grid."""
     device = torch.device(args.device)
     vae = model.load_vae(vae_path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     token = vae.downscale * model.latent_token_patch(vae)  # pixels per latent token side: 16 for both sources
@@ -124,18 +142,68 @@ def fit_to_source(args, vae_path) -> tuple[torch.Tensor, torch.Tensor, dict]:
         for image in tqdm(chain(read_align_images(Path(args.align_data), args.align_images, args.patch), [None]),
                           total=args.align_images + 1, desc="fitting the lift", unit="image"):
             if batch and (image is None or image.shape != batch[0].shape or len(batch) == ALIGN_BATCH):
-                small = torch.cat(batch)
-                small = torch.nn.functional.avg_pool2d(small, factor) if factor > 1 else small
+                full = torch.cat(batch)
+                small = torch.nn.functional.avg_pool2d(full, factor) if factor > 1 else full
                 with torch.no_grad():
-                    yield model.patchify(small, token), model.latent_tokens(vae, small.to(device)).cpu()
+                    z = model.latent_tokens(vae, small.to(device)).cpu()
+                if args.head_steps:  # kept for the head's steps: the image as uint8, its tokens on the grid
+                    h, w = full.shape[-2] // args.patch, full.shape[-1] // args.patch
+                    kept.extend(zip(((full + 1) * 127.5).round().to(torch.uint8), z.unflatten(1, (h, w))))
+                yield model.patchify(small, token), z
                 count[0], batch = count[0] + len(batch), []
             batch += [image] if image is not None else []
 
+    kept = []
     basis, scale, fit = model.fit_lift(pairs())
     stats = {"align_images": str(count[0]), "align_scale_1k": f"{scale.item():.6g}",
              **{f"align_{k}": f"{v:.4f}" for k, v in fit.items()}}
     basis, scale = model.extend_lift(basis, scale, factor)
-    return basis, scale, stats
+    return basis, scale, stats, kept
+
+
+HEAD_CROP_TOKENS = 16  # the head's steps read crops of up to 16 x 16 tokens (256 pixels at patch 16)
+
+
+def teach_head_to_decode(head: model.DetailerHead, cfg, kept: list, basis: torch.Tensor, scale: torch.Tensor,
+                         args) -> float:
+    """--head-steps: the head learns the way back from the lifted latent L = s basis^T z of an image to the image
+    (what the source's VAE decoder does, and what a linear lift cannot), on patch-aligned crops of the align images:
+    it reads the noisy state (1 - sigma) L + sigma eps that the sampler holds, L and sigma, with the DiT's token map
+    zero (its input path to the bottleneck starts at zero, so the DiT's tokens join through training); loss
+    ||L + head - x0||^2, sigma shifted by 3. Returns the last 100 steps' mean loss."""
+    device, p = torch.device(args.device), args.patch
+    head.to(device).train()
+    with torch.no_grad():
+        head.bottleneck[0].weight[:, -cfg.dim:] = 0
+    lift = model.PixelLift(*basis.shape).to(device)
+    lift.basis.copy_(basis), lift.scale.copy_(scale)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=args.head_lr, weight_decay=0.01)
+    g, losses = torch.Generator().manual_seed(args.seed), []
+    crop = min(HEAD_CROP_TOKENS, *(min(z.shape[:2]) for _, z in kept))
+    for step in tqdm(range(args.head_steps), desc="teaching the head to decode", unit="step"):
+        x0, z = [], []
+        for i in torch.randint(len(kept), (args.head_batch,), generator=g).tolist():
+            image, tokens = kept[i]
+            r, c = (int(torch.randint(n - crop + 1, (), generator=g)) for n in tokens.shape[:2])
+            x0.append(image[:, r * p:(r + crop) * p, c * p:(c + crop) * p])
+            z.append(tokens[r:r + crop, c:c + crop].flatten(0, 1))
+        x0 = torch.stack(x0).to(device).float() / 127.5 - 1
+        lifted = model.unpatchify(lift.to_pixels(torch.stack(z).to(device)), p, crop * p, crop * p)
+        u = torch.rand(args.head_batch, generator=g).to(device)
+        sigma = 3 * u / (1 + 2 * u)
+        noisy = (1 - sigma.view(-1, 1, 1, 1)) * lifted + sigma.view(-1, 1, 1, 1) * torch.randn(
+            lifted.shape, generator=g).to(device)
+        head_in = model.head_input(noisy, lifted if cfg.head_lift else None, sigma if cfg.head_sigma else None)
+        out = head(head_in, torch.zeros(args.head_batch, cfg.dim, crop, crop, device=device))
+        loss = (lifted + out - x0).square().mean()
+        for group in optimizer.param_groups:
+            group["lr"] = args.head_lr * min(1.0, (step + 1) / 20)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        optimizer.step()
+        losses = (losses + [loss.item()])[-100:]
+    return sum(losses) / max(len(losses), 1)
 
 
 def new_tensors(cfg, seed: int, aligned: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -145,7 +213,7 @@ def new_tensors(cfg, seed: int, aligned: dict[str, torch.Tensor] | None = None) 
     torch.manual_seed(seed)
     p, flux2 = cfg.patch_size, isinstance(cfg, model.Flux2Config)
     embedder = torch.nn.Linear(p * p * cfg.in_channels, cfg.dim, bias=not flux2)
-    head = model.DetailerHead(cfg.in_channels + cfg.head_sigma, cfg.dim, p, cfg.head_width, cfg.in_channels)
+    head = model.DetailerHead(model.head_channels(cfg), cfg.dim, p, cfg.head_width, cfg.in_channels)
     name = "pixel_embedder" if flux2 else f"all_x_embedder.{p}-1"
     tensors = {f"{name}.{k}": v for k, v in embedder.state_dict().items()}
     tensors.update({f"{name}.{k}": v for k, v in (aligned or {}).items() if k in ("weight", "bias")})
@@ -154,7 +222,7 @@ def new_tensors(cfg, seed: int, aligned: dict[str, torch.Tensor] | None = None) 
     return tensors
 
 
-def aligned_tensors(args, source: model.DiTCheckpoint, cfg) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def aligned_tensors(args, source: model.DiTCheckpoint, cfg) -> tuple[dict[str, torch.Tensor], dict[str, str], list]:
     """--recipe embedder / lift: the patch embedder that reads the lift's projection as the source's embedder reads a
     latent token (weight E_lat basis, bias E_lat's), and the lift itself; plus the fit's numbers for the metadata."""
     if not args.align_data:
@@ -164,13 +232,13 @@ def aligned_tensors(args, source: model.DiTCheckpoint, cfg) -> tuple[dict[str, t
     if not (args.vae or Path(args.src).is_dir()):
         raise SystemExit(f"--src {args.src} is a single file: pass the source's VAE with --vae (its repo's vae/ or "
                          "ae.safetensors)")
-    basis, scale, stats = fit_to_source(args, vae)
+    basis, scale, stats, kept = fit_to_source(args, vae)
     latent = "x_embedder." if isinstance(cfg, model.Flux2Config) else f"all_x_embedder.{model.ZIMAGE_LATENT_PATCH}-1."
     embedder = {k.removeprefix(latent): t.float() for k, t in source.tensors() if k.startswith(latent)}
     aligned = {"weight": embedder["weight"] @ basis, **({"bias": embedder["bias"]} if "bias" in embedder else {})}
     if cfg.lift_dim:
         aligned.update({"lift.basis": basis, "lift.scale": scale})
-    return aligned, stats
+    return aligned, stats, kept
 
 
 def count(specs) -> int:
@@ -209,7 +277,7 @@ def main(argv=None):
                          "single-stream blocks")
     if args.align_data and args.recipe not in ("embedder", "lift"):
         raise SystemExit(f"--align-data: --recipe {args.recipe} fits nothing; use --recipe lift or embedder")
-    target_cfg = model.l2p_config(source.cfg, args.patch, args.head_width, args.recipe, args.head_sigma)
+    target_cfg = model.l2p_config(source.cfg, args.patch, args.head_width, args.recipe, args.head_sigma, args.head_lift)
     target_cfg = replace(target_cfg, single_tail=args.tail_modulation) if flux2 else target_cfg
     with torch.device("meta"):
         target = model.new_model(target_cfg).state_dict()
@@ -228,8 +296,21 @@ def main(argv=None):
     if missing:
         raise SystemExit(f"--src {args.src} ({source.layout}) lacks {len(missing)} tensors the pixel model needs "
                          f"(first: {missing[:5]}); is it a complete transformer?")
-    aligned, fit_stats = aligned_tensors(args, source, target_cfg) if args.recipe in ("embedder", "lift") else ({}, {})
+    clock = time.time()
+    aligned, fit_stats, kept = aligned_tensors(args, source, target_cfg) if args.recipe in ("embedder", "lift") else (
+        {}, {}, [])
+    fit_seconds, clock = time.time() - clock, time.time()
     created = new_tensors(target_cfg, args.seed, aligned)
+    if args.head_steps:
+        head = model.DetailerHead(model.head_channels(target_cfg), target_cfg.dim, args.patch, target_cfg.head_width,
+                                  target_cfg.in_channels)
+        head.load_state_dict({k.removeprefix("local_decoder."): v for k, v in created.items()
+                              if k.startswith("local_decoder.")})
+        loss = teach_head_to_decode(head, target_cfg, kept, aligned["lift.basis"], aligned["lift.scale"], args)
+        fit_stats.update(head_steps=str(args.head_steps), head_decode_loss=f"{loss:.5f}")
+        created.update({f"local_decoder.{k}": v.detach().cpu() for k, v in head.state_dict().items()})
+        del kept
+    head_seconds = time.time() - clock
     created = {k: v.to(torch.float32 if k.startswith("lift.") else cast or torch.float32) for k, v in created.items()}
 
     specs = {**copied, **{k: copied[a] for k, a in aliases.items()}, **{k: v.to("meta") for k, v in created.items()}}
@@ -262,7 +343,11 @@ def main(argv=None):
     if fit_stats:
         print(f"fit     {fit_stats['align_images']} images: scale {fit_stats['align_scale_1k']} (1K), "
               f"{float(fit_stats['align_pixel_energy_in_subspace']):.1%} of the pixel energy in the subspace, "
-              f"{float(fit_stats['align_latent_energy_unexplained']):.1%} of the latent energy unexplained")
+              f"{float(fit_stats['align_latent_energy_unexplained']):.1%} of the latent energy unexplained, "
+              f"{fit_seconds:.0f} s")
+    if args.head_steps:
+        print(f"head    {args.head_steps} steps decoding the lifted latents: x0 error {fit_stats['head_decode_loss']}, "
+              f"{head_seconds:.0f} s")
     print(f"dropped {len(dropped):4d} tensors {count(dropped):>15,d} params  ({', '.join(dropped)})")
     print(f"wrote   {out}: {len(specs)} tensors, {count(specs):,d} params, {out.stat().st_size / 1e9:.2f} GB "
           f"in {time.time() - start:.0f} s")

@@ -165,7 +165,8 @@ class ZImageConfig:
     # the latent-aligned pixel model (section 4, PixelLift); all off = the paper's recipe and the released files
     lift_dim: int = 0  # > 0: the source's final layer is kept and its latent prediction lifted to pixels
     x_prediction: bool = False  # the head predicts x0 and v = (x - x0) / max(sigma, X0_MIN_SIGMA)
-    head_sigma: bool = False  # the head reads sigma as a fourth input channel
+    head_sigma: bool = False  # the head reads sigma as an input channel
+    head_lift: bool = False  # the head reads the lifted prediction (3 more input channels)
 
     @property
     def ffn_dim(self) -> int:
@@ -232,7 +233,7 @@ class ZImageDiT(nn.Module):
         block = lambda modulated: DiTBlock(dim, cfg.n_heads, cfg.ffn_dim, cfg.norm_eps, cfg.adaln_dim, modulated)
         self.all_x_embedder = nn.ModuleDict({f"{p}-1": nn.Linear(p * p * cfg.in_channels, dim)})
         if cfg.pixel_head:
-            self.local_decoder = DetailerHead(cfg.in_channels + cfg.head_sigma, dim, p, cfg.head_width, cfg.in_channels)
+            self.local_decoder = DetailerHead(head_channels(cfg), dim, p, cfg.head_width, cfg.in_channels)
         if cfg.lift_dim:  # the lifted pixel model keeps the source's final layer, under the source's name
             self.lift = PixelLift(cfg.lift_dim, p * p * cfg.in_channels)
             self.all_final_layer = nn.ModuleDict({f"{ZIMAGE_LATENT_PATCH}-1": FinalLayer(dim, cfg.lift_dim,
@@ -352,6 +353,7 @@ class Flux2Config:
     lift_dim: int = 0  # the latent-aligned pixel model, as for Z-Image (norm_out and proj_out are kept)
     x_prediction: bool = False
     head_sigma: bool = False
+    head_lift: bool = False
     single_tail: int = 0  # > 0: the last single_tail single blocks read a private copy of the single modulation
 
     @property
@@ -523,8 +525,7 @@ class Flux2DiT(nn.Module):
         assert cfg.attention_head_dim == sum(cfg.axes_dims_rope), "head_dim must equal the sum of the RoPE axes"
         if cfg.pixel_head:
             self.pixel_embedder = nn.Linear(p * p * cfg.in_channels, dim, bias=False)  # no bias, as all of FLUX.2
-            self.local_decoder = DetailerHead(cfg.in_channels + cfg.head_sigma, dim, p, cfg.head_width,
-                                              cfg.in_channels)
+            self.local_decoder = DetailerHead(head_channels(cfg), dim, p, cfg.head_width, cfg.in_channels)
         elif p != 1:
             raise ValueError(f"patch size {p}: the latent FLUX.2 takes one latent position per token (patch 1)")
         else:
@@ -666,8 +667,9 @@ class DetailerHead(nn.Module):
         nn.init.zeros_(self.out_conv.weight)
 
     def forward(self, x: torch.Tensor, token_map: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W] noisy pixels (+ a sigma channel), token_map [B, dim, H/p, W/p] -> [B, 3, H, W]: in the
-        paper's recipe v in the source's sign (Z-Image: x0 - eps; FLUX.2: eps - x0), with x-prediction x0."""
+        """x [B, C, H, W] noisy pixels (+ the lifted prediction, sigma: head_input), token_map [B, dim, H/p, W/p] ->
+        [B, 3, H, W]: in the paper's recipe v in the source's sign (Z-Image: x0 - eps; FLUX.2: eps - x0), with
+        x-prediction x0."""
         skips = []
         for name, _ in self.levels:
             skips.append(getattr(self, f"enc{name}")(x))
@@ -712,6 +714,18 @@ class PixelLift(nn.Module):
         return self.scale.float() * (latent.float() @ self.basis.float())
 
 
+def head_channels(cfg: "ZImageConfig | Flux2Config") -> int:
+    """The Detailer Head's input channels: the noisy image, the lifted prediction (head_lift), sigma (head_sigma)."""
+    return cfg.in_channels * (1 + cfg.head_lift) + cfg.head_sigma
+
+
+def head_input(x: torch.Tensor, lifted: torch.Tensor | None, sigma: torch.Tensor) -> torch.Tensor:
+    """[x, lifted x0 (if given), sigma (if given, as a constant channel)] along the channels, in x's dtype."""
+    B, _, H, W = x.shape
+    extra = ([] if lifted is None else [lifted]) + ([] if sigma is None else [sigma.view(B, 1, 1, 1).expand(B, 1, H, W)])
+    return torch.cat([x] + [e.to(x.dtype) for e in extra], 1) if extra else x
+
+
 def check_input(net: "ZImageDiT | Flux2DiT", x: torch.Tensor) -> int:
     """The patch size, after checking x [B, C, H, W] against the model (channels, multiples of the patch)."""
     p, (_, C, H, W) = net.cfg.patch_size, x.shape
@@ -725,22 +739,25 @@ def pixel_velocity(net: "ZImageDiT | Flux2DiT", x: torch.Tensor, sigma: torch.Te
                    cap_mask: torch.Tensor) -> torch.Tensor:
     """The L2P pixel model's forward, both families: x [B, 3, H, W] noisy pixels -> v = eps - x0, fp32.
 
-    The DiT's raw last-layer image tokens, as a [B, dim, H/p, W/p] map, and the noisy image (+ sigma) go into the
-    Detailer Head. The paper's head predicts v; with x-prediction it predicts x0; the lifted model adds the
-    head's output to the source's own prediction lifted to pixels (PixelLift), so a zero head is the source.
+    The DiT's raw last-layer image tokens, as a [B, dim, H/p, W/p] map, and the noisy image (+ sigma, + the lifted
+    prediction) go into the Detailer Head. The paper's head predicts v; with x-prediction it predicts x0; the lifted
+    model adds the head's output to the source's own prediction lifted to pixels (PixelLift), so a zero head is the
+    source.
     """
     cfg, p, (B, _, H, W) = net.cfg, net.cfg.patch_size, x.shape
     sigma = sigma.to(device=x.device, dtype=torch.float32).expand(B)
     x_dit, sigma_dit = net.lift.dit_input(x, sigma) if cfg.lift_dim else (x, sigma)
     tokens = patchify(x_dit, p)
     hidden, cond = net.transformer(tokens, (H // p, W // p), sigma_dit, cap, cap_mask)
-    head_in = torch.cat([x, sigma.view(B, 1, 1, 1).expand(B, 1, H, W).to(x.dtype)], 1) if cfg.head_sigma else x
+    lifted = None
+    if cfg.lift_dim:
+        z0 = net.lift.to_latent(tokens) - sigma_dit.view(B, 1, 1) * net.latent_output(hidden, cond).float()
+        lifted = unpatchify(net.lift.to_pixels(z0), p, H, W)
+    head_in = head_input(x, lifted if cfg.head_lift else None, sigma if cfg.head_sigma else None)
     out = net.local_decoder(head_in.to(hidden.dtype), hidden.transpose(1, 2).unflatten(2, (H // p, W // p))).float()
     if not cfg.x_prediction:
         return net.v_sign * out
-    if cfg.lift_dim:
-        z0 = net.lift.to_latent(tokens) - sigma_dit.view(B, 1, 1) * net.latent_output(hidden, cond).float()
-        out = out + unpatchify(net.lift.to_pixels(z0), p, H, W)
+    out = out if lifted is None else out + lifted
     return (x.float() - out) / sigma.clamp_min(X0_MIN_SIGMA).view(B, 1, 1, 1)
 
 
@@ -787,7 +804,7 @@ def extend_lift(basis: torch.Tensor, scale: torch.Tensor, factor: int) -> tuple[
 
 
 def l2p_config(source: "ZImageConfig | Flux2Config", patch_size: int = 16, head_width: int = 64,
-               recipe: str = "paper", head_sigma: bool = False):
+               recipe: str = "paper", head_sigma: bool = False, head_lift: bool = False):
     """The pixel model made from a latent source: same transformer, RGB patches of p x p, the Detailer Head.
 
     Recipes: paper (random patch embedder, the head predicts v: the released L2P files), x0 (the same, the head
@@ -797,8 +814,11 @@ def l2p_config(source: "ZImageConfig | Flux2Config", patch_size: int = 16, head_
         raise ValueError(f"recipe {recipe!r}: one of {', '.join(RECIPES)}")
     lift_dim = (ZIMAGE_LATENT_PATCH ** 2 * source.in_channels if isinstance(source, ZImageConfig) else
                 source.in_channels) if recipe == "lift" else 0
+    if head_lift and not lift_dim:
+        raise ValueError("the head can read the lifted prediction only with recipe 'lift'")
     return replace(source, in_channels=3, patch_size=patch_size, pixel_head=True, head_width=head_width,
-                   lift_dim=lift_dim, x_prediction=recipe in ("x0", "lift"), head_sigma=head_sigma)
+                   lift_dim=lift_dim, x_prediction=recipe in ("x0", "lift"), head_sigma=head_sigma,
+                   head_lift=head_lift)
 
 
 def new_model(cfg: "ZImageConfig | Flux2Config") -> "ZImageDiT | Flux2DiT":
@@ -1349,9 +1369,9 @@ def l2p_fields(shapes: dict[str, tuple[int, ...]], patch_size: int, recipe: str 
     """The pixel model's recipe fields (config) from its shapes and the recipe its metadata records (none: the
     paper's, as in the released files); a lifted model predicts x0 whatever its metadata says."""
     first_conv = f"local_decoder.enc{DETAILER_LEVELS[-int(math.log2(patch_size))][0]}.0.weight"
-    lift_dim = shapes.get("lift.basis", (0,))[0]
-    return dict(head_width=shapes["local_decoder.enc1.0.weight"][0], head_sigma=shapes[first_conv][1] == 4,
-                lift_dim=lift_dim, x_prediction=bool(lift_dim) or recipe == "x0")
+    lift_dim, inputs = shapes.get("lift.basis", (0,))[0], shapes[first_conv][1]  # 3 (+ 3 lifted) (+ 1 sigma)
+    return dict(head_width=shapes["local_decoder.enc1.0.weight"][0], head_sigma=inputs % 3 == 1,
+                head_lift=inputs >= 6, lift_dim=lift_dim, x_prediction=bool(lift_dim) or recipe == "x0")
 
 
 def zimage_config_from_shapes(shapes: dict[str, tuple[int, ...]], patch_size: int, in_channels: int,

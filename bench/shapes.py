@@ -67,6 +67,7 @@ class Plan:
     pixel_cfg: float  # L2P convention neg + c (pos - neg)
     train_blocks: int
     lift_lr: float  # --recipe lift: train.py's defaults for a lifted init (the head alone, x0 loss) at this lr
+    head_steps: int  # --recipe lift: convert.py --head-steps (the head learns to decode the lifted latents)
 
 
 # Paper-style recipes: pixel lr 1e-3 with the head's wide convolutions slowed by their fan-in (--head-lr-fan-in 288):
@@ -74,10 +75,10 @@ class Plan:
 # model trains its head alone, at one higher lr (bench/RESULTS.md).
 QUICK = Plan(corpus_prompts=256, corpus_seeds=2, pixel_steps=600, pixel_batch=16, pixel_lr=1e-3, head_lr_fan_in=288,
              curve_every=200, eval_prompts=24, eval_seeds=2, sample_steps=10, source_cfg_w=2.0, pixel_cfg=2.0,
-             train_blocks=1, lift_lr=3e-3)
+             train_blocks=1, lift_lr=1e-3, head_steps=1000)
 FULL = Plan(corpus_prompts=1000, corpus_seeds=2, pixel_steps=4000, pixel_batch=16, pixel_lr=1e-3, head_lr_fan_in=288,
             curve_every=1000, eval_prompts=72, eval_seeds=4, sample_steps=30, source_cfg_w=2.0, pixel_cfg=2.0,
-            train_blocks=1, lift_lr=3e-3)
+            train_blocks=1, lift_lr=1e-3, head_steps=2000)
 
 
 def log(msg: str):
@@ -417,6 +418,7 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
     recipe = args.recipe
     init, scratch_init = out / f"l2p-{recipe}-init.safetensors", out / "scratch-init.safetensors"
     align = ["--align-data", corpus] if recipe in ("embedder", "lift") else []
+    align += ["--head-steps", plan.head_steps] if recipe == "lift" else []
     stage(f"convert.py --recipe {recipe}", lambda: script(
         "convert.py", "--src", source, "--out", init, "--patch", 16, "--head-width", HEAD_WIDTH, "--seed", args.seed,
         "--recipe", recipe, *align, log_file=log_file), init)

@@ -98,13 +98,13 @@ def closed_form_lift(source, lift_basis, lift_scale, x, sigma, cap, mask, latent
 
 def test_lifted_zimage_at_step_0_is_the_source_in_closed_form(zimage_repo, tmp_path):
     out = tmp_path / "lift.safetensors"
-    convert.main(["--src", str(zimage_repo), "--out", str(out), "--head-width", "16", "--align-data",
-                  str(align_images(tmp_path / "images"))])
+    convert.main(["--src", str(zimage_repo), "--out", str(out), "--head-width", "16", "--head-steps", "0",
+                  "--align-data", str(align_images(tmp_path / "images"))])
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["l2p_recipe"] == "lift" and meta["align_images"] == "6"
     net = model.load_model(out, dtype=torch.float32)
-    assert net.cfg.lift_dim == 64 and net.cfg.x_prediction and net.cfg.head_sigma
+    assert net.cfg.lift_dim == 64 and net.cfg.x_prediction and net.cfg.head_sigma and net.cfg.head_lift
     source = model.load_model(zimage_repo, dtype=torch.float32)
     # the kept final layer is the source's, bit for bit; the embedder is the source's read through the basis
     assert torch.equal(net.all_final_layer["2-1"].linear.weight, source.all_final_layer["2-1"].linear.weight)
@@ -135,8 +135,8 @@ def test_lifted_zimage_at_step_0_is_the_source_in_closed_form(zimage_repo, tmp_p
 def test_lifted_klein_at_step_0_is_the_source_in_closed_form(tmp_path_factory, tmp_path):
     repo = make_tiny_klein_repo(tmp_path_factory.mktemp("klein"), distilled=False, text_layers=3)
     out = tmp_path / "lift.safetensors"
-    convert.main(["--src", str(repo), "--out", str(out), "--head-width", "16", "--align-data",
-                  str(align_images(tmp_path / "images"))])
+    convert.main(["--src", str(repo), "--out", str(out), "--head-width", "16", "--head-steps", "0",
+                  "--align-data", str(align_images(tmp_path / "images"))])
     net = model.load_model(out, dtype=torch.float32)
     source = model.load_model(repo, dtype=torch.float32)
     assert net.cfg.lift_dim == source.cfg.in_channels and torch.equal(net.proj_out.weight, source.proj_out.weight)
@@ -149,6 +149,51 @@ def test_lifted_klein_at_step_0_is_the_source_in_closed_form(tmp_path_factory, t
         ours = net(x, sigma, cap, None)
         reference = closed_form_lift(source, net.lift.basis, net.lift.scale, x, sigma, cap, None, latent_patch, 16)
     assert rel(ours, reference) < 1e-5
+
+
+def test_head_steps_teach_the_head_to_decode_the_lifted_latents(zimage_repo, tmp_path):
+    images = align_images(tmp_path / "images")
+    nets = {}
+    for steps in (0, 60):
+        out = tmp_path / f"head{steps}.safetensors"
+        convert.main(["--src", str(zimage_repo), "--out", str(out), "--head-width", "16", "--head-steps", str(steps),
+                      "--head-batch", "4", "--align-data", str(images)])
+        nets[steps] = model.load_model(out, dtype=torch.float32)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["head_steps"] == "60"
+    net, start = nets[60], nets[0]
+    assert torch.equal(net.lift.basis, start.lift.basis)  # the same fit; only the head moved
+    # its error on the align images, from the source's VAE: the lifted latent L = s basis^T z, the noisy state the
+    # sampler holds, and the head on a zero token map; a zero head leaves the lift's own error ||L - x0||
+    vae = model.load_vae(zimage_repo / "vae", dtype=torch.float32)
+    x0 = torch.cat([torch.from_numpy(np.array(Image.open(images / f"{i}.png"))).permute(2, 0, 1)[None]
+                    for i in range(6)]).float() / 127.5 - 1
+    g = torch.Generator().manual_seed(1)
+    errors = {}
+    with torch.no_grad():
+        lifted = model.unpatchify(net.lift.to_pixels(model.latent_tokens(vae, x0)), 16, 64, 64)
+        for steps, candidate in nets.items():
+            errors[steps] = 0.0
+            for s in (0.05, 0.3, 0.6, 0.9):
+                sigma = torch.full((6,), s)
+                state = (1 - s) * lifted + s * torch.randn(lifted.shape, generator=g)
+                head = candidate.local_decoder(model.head_input(state, lifted, sigma), torch.zeros(6, net.cfg.dim, 4, 4))
+                errors[steps] += (lifted + head - x0).square().mean().item()
+    assert errors[60] < 0.8 * errors[0]
+    # the DiT's tokens do not reach the head yet (their bottleneck weights are zero): the converted model is the
+    # lifted source plus the head on a zero token map
+    x, cap = torch.randn(2, 3, 32, 48, generator=g), torch.randn(2, 7, 24, generator=g)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    sigma = torch.tensor([0.9, 0.3])
+    with torch.no_grad():
+        v_source = closed_form_lift(model.load_model(zimage_repo, dtype=torch.float32), net.lift.basis,
+                                    net.lift.scale, x, sigma, cap, mask, 2, 16)
+        lifted_x0 = x.double() - sigma.double().view(-1, 1, 1, 1) * v_source
+        head = net.local_decoder(model.head_input(x, lifted_x0.float(), sigma), torch.zeros(2, net.cfg.dim, 2, 3)).double()
+        reference = (x.double() - lifted_x0 - head) / sigma.double().view(-1, 1, 1, 1)
+        assert rel(net(x, sigma, cap, mask), reference) < 1e-5
+        net.local_decoder.bottleneck[0].weight[:, -net.cfg.dim:].fill_(0.01)  # guards the test: tokens that reach the head
+        assert rel(net(x, sigma, cap, mask), reference) > 1e-4
 
 
 # ---- the paper's recipe, unchanged ----
@@ -200,14 +245,15 @@ def test_recipes_need_their_inputs(zimage_repo, tmp_path):
 def test_real_size_lifted_layouts(family, name, table, latent_keys):
     source = model.ZImageConfig() if family == "zimage" else model.Flux2Config()
     with torch.device("meta"):
-        net = model.new_model(model.l2p_config(source, 16, recipe="lift", head_sigma=True))
+        net = model.new_model(model.l2p_config(source, 16, recipe="lift", head_sigma=True, head_lift=True))
     shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     assert shapes == read_format(name)  # committed beside the published tables
     paper = read_format(table)
     first = "local_decoder.enc1.0.weight"
-    # the released layout + the source's output layer (as the source names it) + the lift; the head reads sigma
+    # the released layout + the source's output layer (as the source names it) + the lift; the head reads the noisy
+    # image, the lifted prediction and sigma
     assert set(shapes) - set(paper) == latent_keys | {"lift.basis", "lift.scale"} and set(paper) <= set(shapes)
-    assert shapes[first] == paper[first][:1] + (4,) + paper[first][2:]
+    assert shapes[first] == paper[first][:1] + (7,) + paper[first][2:]
     assert all(shapes[k] == paper[k] for k in paper if k != first)
     d = 64 if family == "zimage" else 128
     assert shapes["lift.basis"] == (d, 768) and shapes["lift.scale"] == ()

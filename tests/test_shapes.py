@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import shapes  # noqa: E402
 
 TINY = replace(shapes.QUICK, corpus_prompts=12, corpus_seeds=1, pixel_steps=24, pixel_batch=4, curve_every=12,
-               eval_prompts=6, eval_seeds=1, sample_steps=2)
+               eval_prompts=6, eval_seeds=1, sample_steps=2, head_steps=20)
 
 
 def test_every_stage_runs_from_the_shipped_source_and_the_l2p_loss_falls(tmp_path):
