@@ -719,10 +719,11 @@ def head_channels(cfg: "ZImageConfig | Flux2Config") -> int:
     return cfg.in_channels * (1 + cfg.head_lift) + cfg.head_sigma
 
 
-def head_input(x: torch.Tensor, lifted: torch.Tensor | None, sigma: torch.Tensor) -> torch.Tensor:
+def head_input(x: torch.Tensor, lifted: torch.Tensor | None, sigma: torch.Tensor | None = None) -> torch.Tensor:
     """[x, lifted x0 (if given), sigma (if given, as a constant channel)] along the channels, in x's dtype."""
     B, _, H, W = x.shape
-    extra = ([] if lifted is None else [lifted]) + ([] if sigma is None else [sigma.view(B, 1, 1, 1).expand(B, 1, H, W)])
+    extra = [] if lifted is None else [lifted]
+    extra += [] if sigma is None else [sigma.view(B, 1, 1, 1).expand(B, 1, H, W)]
     return torch.cat([x] + [e.to(x.dtype) for e in extra], 1) if extra else x
 
 

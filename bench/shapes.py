@@ -75,10 +75,10 @@ class Plan:
 # model trains its head alone, at one higher lr (bench/RESULTS.md).
 QUICK = Plan(corpus_prompts=256, corpus_seeds=2, pixel_steps=600, pixel_batch=16, pixel_lr=1e-3, head_lr_fan_in=288,
              curve_every=200, eval_prompts=24, eval_seeds=2, sample_steps=10, source_cfg_w=2.0, pixel_cfg=2.0,
-             train_blocks=1, lift_lr=1e-3, head_steps=1000)
+             train_blocks=1, lift_lr=3e-4, head_steps=1000)
 FULL = Plan(corpus_prompts=1000, corpus_seeds=2, pixel_steps=4000, pixel_batch=16, pixel_lr=1e-3, head_lr_fan_in=288,
             curve_every=1000, eval_prompts=72, eval_seeds=4, sample_steps=30, source_cfg_w=2.0, pixel_cfg=2.0,
-            train_blocks=1, lift_lr=1e-3, head_steps=2000)
+            train_blocks=1, lift_lr=3e-4, head_steps=2000)
 
 
 def log(msg: str):

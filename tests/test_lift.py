@@ -177,7 +177,8 @@ def test_head_steps_teach_the_head_to_decode_the_lifted_latents(zimage_repo, tmp
             for s in (0.05, 0.3, 0.6, 0.9):
                 sigma = torch.full((6,), s)
                 state = (1 - s) * lifted + s * torch.randn(lifted.shape, generator=g)
-                head = candidate.local_decoder(model.head_input(state, lifted, sigma), torch.zeros(6, net.cfg.dim, 4, 4))
+                zero_tokens = torch.zeros(6, net.cfg.dim, 4, 4)
+                head = candidate.local_decoder(model.head_input(state, lifted, sigma), zero_tokens)
                 errors[steps] += (lifted + head - x0).square().mean().item()
     assert errors[60] < 0.8 * errors[0]
     # the DiT's tokens do not reach the head yet (their bottleneck weights are zero): the converted model is the
@@ -189,10 +190,11 @@ def test_head_steps_teach_the_head_to_decode_the_lifted_latents(zimage_repo, tmp
         v_source = closed_form_lift(model.load_model(zimage_repo, dtype=torch.float32), net.lift.basis,
                                     net.lift.scale, x, sigma, cap, mask, 2, 16)
         lifted_x0 = x.double() - sigma.double().view(-1, 1, 1, 1) * v_source
-        head = net.local_decoder(model.head_input(x, lifted_x0.float(), sigma), torch.zeros(2, net.cfg.dim, 2, 3)).double()
+        head = net.local_decoder(model.head_input(x, lifted_x0.float(), sigma), torch.zeros(2, net.cfg.dim, 2, 3))
+        head = head.double()
         reference = (x.double() - lifted_x0 - head) / sigma.double().view(-1, 1, 1, 1)
         assert rel(net(x, sigma, cap, mask), reference) < 1e-5
-        net.local_decoder.bottleneck[0].weight[:, -net.cfg.dim:].fill_(0.01)  # guards the test: tokens that reach the head
+        net.local_decoder.bottleneck[0].weight[:, -net.cfg.dim:].fill_(0.01)  # guards the test: tokens reach the head
         assert rel(net(x, sigma, cap, mask), reference) > 1e-4
 
 
