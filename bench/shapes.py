@@ -72,7 +72,7 @@ class Plan:
 
 # Paper-style recipes: pixel lr 1e-3 with the head's wide convolutions slowed by their fan-in (--head-lr-fan-in 288):
 # with one lr for everything the deepest decoder conv dies and the output stops depending on the prompt. The lifted
-# model trains its head alone, at one higher lr (bench/RESULTS.md).
+# model trains its head alone, taught to decode by convert.py --head-steps first, at one lower lr (bench/RESULTS.md).
 QUICK = Plan(corpus_prompts=256, corpus_seeds=2, pixel_steps=600, pixel_batch=16, pixel_lr=1e-3, head_lr_fan_in=288,
              curve_every=200, eval_prompts=24, eval_seeds=2, sample_steps=10, source_cfg_w=2.0, pixel_cfg=2.0,
              train_blocks=1, lift_lr=3e-4, head_steps=1000)
