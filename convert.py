@@ -162,21 +162,25 @@ def fit_to_source(args, vae_path) -> tuple[torch.Tensor, torch.Tensor, dict, lis
 
 
 HEAD_CROP_TOKENS = 16  # the head's steps read crops of up to 16 x 16 tokens (256 pixels at patch 16)
+HEAD_SHIFT = 3.0  # sigma shift of the head's steps, Z-Image's training shift
 
 
-def teach_head_to_decode(head: model.DetailerHead, cfg, kept: list, basis: torch.Tensor, scale: torch.Tensor,
-                         args) -> float:
+def teach_head_to_decode(created: dict[str, torch.Tensor], cfg, kept: list, args) -> tuple[dict, float]:
     """--head-steps: the head learns the way back from the lifted latent L = s basis^T z of an image to the image
     (what the source's VAE decoder does, and what a linear lift cannot), on patch-aligned crops of the align images:
     it reads the noisy state (1 - sigma) L + sigma eps that the sampler holds, L and sigma, with the DiT's token map
     zero (its input path to the bottleneck starts at zero, so the DiT's tokens join through training); loss
-    ||L + head - x0||^2, sigma shifted by 3. Returns the last 100 steps' mean loss."""
+    ||L + head - x0||^2, sigma shifted by HEAD_SHIFT. Starts from and returns the head's tensors in `created` (the
+    lift's too), with the last 100 steps' mean loss."""
     device, p = torch.device(args.device), args.patch
+    head = model.DetailerHead(model.head_channels(cfg), cfg.dim, p, cfg.head_width, cfg.in_channels)
+    head.load_state_dict({k.removeprefix("local_decoder."): v for k, v in created.items()
+                          if k.startswith("local_decoder.")})
     head.to(device).train()
     with torch.no_grad():
         head.bottleneck[0].weight[:, -cfg.dim:] = 0
-    lift = model.PixelLift(*basis.shape).to(device)
-    lift.basis.copy_(basis), lift.scale.copy_(scale)
+    lift = model.PixelLift(*created["lift.basis"].shape).to(device)
+    lift.load_state_dict({k.removeprefix("lift."): v for k, v in created.items() if k.startswith("lift.")})
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.head_lr, weight_decay=0.01)
     g, losses = torch.Generator().manual_seed(args.seed), []
     crop = min(HEAD_CROP_TOKENS, *(min(z.shape[:2]) for _, z in kept))
@@ -189,8 +193,7 @@ def teach_head_to_decode(head: model.DetailerHead, cfg, kept: list, basis: torch
             z.append(tokens[r:r + crop, c:c + crop].flatten(0, 1))
         x0 = torch.stack(x0).to(device).float() / 127.5 - 1
         lifted = model.unpatchify(lift.to_pixels(torch.stack(z).to(device)), p, crop * p, crop * p)
-        u = torch.rand(args.head_batch, generator=g).to(device)
-        sigma = 3 * u / (1 + 2 * u)
+        sigma = model.shift_sigma(torch.rand(args.head_batch, generator=g), HEAD_SHIFT).to(device)
         noisy = (1 - sigma.view(-1, 1, 1, 1)) * lifted + sigma.view(-1, 1, 1, 1) * torch.randn(
             lifted.shape, generator=g).to(device)
         head_in = model.head_input(noisy, lifted if cfg.head_lift else None, sigma if cfg.head_sigma else None)
@@ -203,7 +206,7 @@ def teach_head_to_decode(head: model.DetailerHead, cfg, kept: list, basis: torch
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         optimizer.step()
         losses = (losses + [loss.item()])[-100:]
-    return sum(losses) / max(len(losses), 1)
+    return {f"local_decoder.{k}": v.detach().cpu() for k, v in head.state_dict().items()}, sum(losses) / len(losses)
 
 
 def new_tensors(cfg, seed: int, aligned: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -302,13 +305,9 @@ def main(argv=None):
     fit_seconds, clock = time.time() - clock, time.time()
     created = new_tensors(target_cfg, args.seed, aligned)
     if args.head_steps:
-        head = model.DetailerHead(model.head_channels(target_cfg), target_cfg.dim, args.patch, target_cfg.head_width,
-                                  target_cfg.in_channels)
-        head.load_state_dict({k.removeprefix("local_decoder."): v for k, v in created.items()
-                              if k.startswith("local_decoder.")})
-        loss = teach_head_to_decode(head, target_cfg, kept, aligned["lift.basis"], aligned["lift.scale"], args)
+        taught, loss = teach_head_to_decode(created, target_cfg, kept, args)
+        created.update(taught)
         fit_stats.update(head_steps=str(args.head_steps), head_decode_loss=f"{loss:.5f}")
-        created.update({f"local_decoder.{k}": v.detach().cpu() for k, v in head.state_dict().items()})
         del kept
     head_seconds = time.time() - clock
     created = {k: v.to(torch.float32 if k.startswith("lift.") else cast or torch.float32) for k, v in created.items()}

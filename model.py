@@ -1950,10 +1950,14 @@ def compile_blocks(net: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """The static shift s*σ / (1 + (s-1)*σ): s > 1 spends more of the steps (or training draws) at high noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 def shifted_sigmas(steps: int, shift: float) -> torch.Tensor:
-    """[steps + 1] fp32: linspace(1, 1/steps, steps) under the static shift s*σ / (1 + (s-1)*σ), then a final 0."""
-    sigmas = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
-    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    """[steps + 1] fp32: linspace(1, 1/steps, steps) under shift_sigma, then a final 0."""
+    sigmas = shift_sigma(torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64), shift)
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
 
 

@@ -207,7 +207,7 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
             # both drawn from the sample's global position alone.
             u = torch.tensor([torch.randint(1, TRAIN_STEPS + 1, (), generator=seeded(args.seed, "sigma", p)).item()
                               for p in mb["position"]], dtype=torch.float64) / TRAIN_STEPS
-            sigma = (args.shift * u / (1 + (args.shift - 1) * u)).float().to(device)
+            sigma = model.shift_sigma(u, args.shift).float().to(device)
             eps = torch.stack([torch.randn(x0.shape[1:], device=device, generator=seeded(args.seed, "noise", p, device))
                                for p in mb["position"]])
             s = sigma.view(-1, 1, 1, 1)
