@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -163,13 +163,15 @@ def recipe_flags(plan: Plan, recipe: str) -> list:
 
 
 def train_with_curve(name: str, init: Path, corpus: Path, run: Path, plan: Plan, train_blocks: int, flags: list,
-                     score_fn, log_file: Path, device: str) -> list[dict]:
+                     score_fn, log_file: Path, device: str, curve_file: Path) -> list[dict]:
     """The init scored (step 0), then train.py in segments of curve_every steps (a resumed run equals an
     uninterrupted one), scored after each: score_fn(checkpoint, tag) -> (ShapeEval dict, validation loss, prompt
-    effect, x0 validation loss)."""
-    shutil.rmtree(run, ignore_errors=True)
-    curve = []
-    for step in range(0, plan.pixel_steps + 1, plan.curve_every):
+    effect, x0 validation loss). Every point is written to curve_file as it is scored, and the curve continues from
+    the points found there (a killed run, or a longer --steps)."""
+    curve = json.loads(curve_file.read_text()) if curve_file.exists() else []
+    if not curve:
+        shutil.rmtree(run, ignore_errors=True)
+    for step in range(len(curve) * plan.curve_every, plan.pixel_steps + 1, plan.curve_every):
         if step:
             script("train.py", "--init", init, "--data", corpus, "--out", run, "--max-steps", step,
                    "--batch-size", plan.pixel_batch, *flags, "--warmup", 20, "--train-blocks", train_blocks,
@@ -181,9 +183,10 @@ def train_with_curve(name: str, init: Path, corpus: Path, run: Path, plan: Plan,
         score, val, effect, val_x0 = score_fn(run / "trained.safetensors" if step else init, f"{name}_step{step}")
         curve.append({"step": step, "overall": score["overall"], "val_loss": val, "val_x0_loss": val_x0,
                       "prompt_effect": effect, "score": score})
+        write_json(curve_file, curve)
         log(f"{name} step {step}: ShapeEval {score['overall']:.3f}, validation loss {val:.4f} (x0 {val_x0:.4f}), "
             f"prompt effect {effect:.3f}")
-    return curve
+    return curve[:plan.pixel_steps // plan.curve_every + 1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,6 +305,10 @@ def parse_args(argv=None):
                         help="convert.py's recipe for L2P (scratch keeps its own). Runs of several recipes in one "
                              "--runs folder share the source, corpus and scratch stages, and the report gains an "
                              "ablation table of every recipe found there")
+    parser.add_argument("--steps", type=int,
+                        help="train L2P and scratch this many steps instead of the plan's (quick 600, full 4,000): "
+                             "their curves continue from a shorter run in the same --runs folder, and a killed run "
+                             "continues from its last curve point")
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for every stage")
     parser.add_argument("--runs", help="where stages are cached (default bench/runs/shapes-quick or shapes-full)")
     parser.add_argument("--fresh", action="store_true", help="redo every stage (the shipped source is kept)")
@@ -359,6 +366,11 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
         raise SystemExit(f"{out} holds stages of another plan or source ({plan_file}); pass --fresh to redo them, or "
                          "another --runs folder")
     write_json(plan_file, source_id)
+    if args.steps is not None:
+        if args.steps <= 0 or args.steps % plan.curve_every:
+            raise SystemExit(f"--steps {args.steps}: use a positive multiple of the curve's interval "
+                             f"({plan.curve_every} steps in the {mode} plan)")
+        plan = replace(plan, pixel_steps=args.steps)
     log_file, seconds_file, device = out / "scripts.log", out / "seconds.json", args.device
     # wall time per stage, kept with the cache: a report built from cached stages still shows what each one cost
     seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
@@ -446,9 +458,14 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
 
     curves, pixel_images = {}, {}
     for name, tag, start, data, blocks, flags in runs:
-        curves[name] = stage(f"train.py + sample.py: {tag}", lambda: train_with_curve(
-            tag, start, data, out / f"run_{tag}", plan, blocks, flags, score_pixel, log_file, device),
-            out / f"curve_{tag}.json", keep_json=True)
+        begin, curve_file = time.time(), out / f"curve_{tag}.json"
+        points_before = len(json.loads(curve_file.read_text())) if curve_file.exists() else 0
+        curves[name] = train_with_curve(tag, start, data, out / f"run_{tag}", plan, blocks, flags, score_pixel,
+                                        log_file, device, curve_file)
+        if len(json.loads(curve_file.read_text())) > points_before:
+            key = f"train.py + sample.py: {tag}"
+            seconds[key] = seconds.get(key, 0) + time.time() - begin
+            write_json(seconds_file, seconds)
         scores[name] = curves[name][-1]["score"]
         pixel_images[name] = read_samples(out / f"samples_{tag}_step{curves[name][-1]['step']}")
     ablation = {path.stem.removeprefix("curve_l2p-"): json.loads(path.read_text())
