@@ -17,10 +17,9 @@ from tqdm import tqdm
 
 import model
 
-# The released L2P sampler (1K): 30 Euler steps, CFG c = 2.0 against the empty prompt, shift 3.
+# The released L2P sampler (1K): 30 Euler steps, CFG c = 2.0 against the empty prompt, shift 3. The source LDM's
+# defaults are its repo's own (model.source_sampler_settings).
 L2P_DEFAULTS = dict(steps=30, guidance=2.0, shift=3.0)
-# Z-Image-Turbo, the source LDM: 8 steps, CFG off; its shift is read from the repo's scheduler config.
-LATENT_DEFAULTS = dict(steps=8, guidance=1.0)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Settings that change the pixels: a run may only add images to a folder whose images were made with the same ones.
 SETTINGS_THAT_MATTER = ("model", "checkpoint", "text_encoder", "steps", "guidance", "shift", "height", "width",
@@ -37,14 +36,15 @@ def add_generation_args(parser: argparse.ArgumentParser):
                                   "a train.py checkpoint next to its init, the released merged file)")
     g.add_argument("--latent", metavar="ZIMAGE_REPO",
                    help="evaluate the source LDM instead: a Z-Image repo root (transformer/, vae/, text_encoder/, "
-                        "tokenizer/, scheduler/); its defaults are Turbo's: 8 steps, CFG off, the repo's shift")
+                        "tokenizer/, scheduler/); its defaults are the repo's own sampler (Turbo: 8 steps, CFG "
+                        "off, shift 3; base: 50 steps, CFG 5.0, shift 6)")
     g.add_argument("--text-encoder",
                    help="Qwen3 text encoder: a Z-Image repo root, its text_encoder/ folder or qwen_3_4b.safetensors "
                         "(required with --ckpt; defaults to the --latent repo)")
-    g.add_argument("--steps", type=int, help="Euler steps (default: 30 for L2P, 8 with --latent)")
+    g.add_argument("--steps", type=int, help="Euler steps (default: 30 for L2P, the repo's with --latent)")
     g.add_argument("--guidance", type=float,
                    help="CFG scale c in v = v_neg + c (v_pos - v_neg) against the empty prompt; 1 = off "
-                        "(default: 2.0 for L2P, 1.0 with --latent)")
+                        "(default: 2.0 for L2P, the repo's with --latent)")
     g.add_argument("--shift", type=float,
                    help="static sigma shift (default: 3 for L2P; with --latent the repo's scheduler_config.json)")
     g.add_argument("--resolution", type=int, default=1024, help="square image side in pixels (default 1024)")
@@ -121,8 +121,11 @@ def sampler_settings(args, images_per_prompt: int) -> dict:
         repo = Path(args.latent)
         if not (repo / "transformer").is_dir() or not (repo / "vae").is_dir():
             raise SystemExit(f"--latent {repo}: expected a Z-Image repo root with transformer/ and vae/ folders")
-        shift = repo_shift(repo) if args.shift is None else args.shift
-        kind, checkpoint, defaults = "latent", repo, dict(LATENT_DEFAULTS, shift=shift)
+        try:
+            defaults = model.source_sampler_settings(repo, args.resolution, args.resolution, args.steps)
+        except model.CheckpointError as e:
+            raise SystemExit(f"--latent {repo}: {e}") from None
+        kind, checkpoint = "latent", repo
         text_encoder = Path(args.text_encoder) if args.text_encoder else repo
     else:
         if not args.text_encoder:
@@ -133,14 +136,16 @@ def sampler_settings(args, images_per_prompt: int) -> dict:
     for path, flag in ((checkpoint, "--ckpt/--latent"), (text_encoder, "--text-encoder")):
         if not path.exists():
             raise SystemExit(f"{flag} {path} does not exist")
-    try:  # headers only: a wrong file fails now, not after the text encoder has run
-        cfg = model.open_checkpoint(checkpoint).cfg
+    try:  # a wrong file fails now, not after the text encoder has run
+        cfg = model.open_checkpoint(checkpoint).cfg  # headers only
+        if cfg.pixel_head != (kind == "l2p"):
+            raise SystemExit(f"{checkpoint} is a latent Z-Image transformer: evaluate the source with --latent <its "
+                             "repo root>" if kind == "l2p" else f"{checkpoint} holds an L2P pixel model: pass it with "
+                             "--ckpt")
+        # pixels per token side, as model.generate checks them; a latent model's VAE is built on the meta device
+        multiple = cfg.patch_size * (1 if cfg.pixel_head else model.load_vae(checkpoint, device="meta").downscale)
     except model.CheckpointError as e:
         raise SystemExit(f"--ckpt/--latent {checkpoint}: {e}") from None
-    if cfg.pixel_head != (kind == "l2p"):
-        raise SystemExit(f"{checkpoint} is a latent Z-Image transformer: evaluate the source with --latent <its repo "
-                         "root>" if kind == "l2p" else f"{checkpoint} holds an L2P pixel model: pass it with --ckpt")
-    multiple = cfg.patch_size * (1 if cfg.pixel_head else 8)  # pixel patch, or VAE x8 times the latent patch
     if args.resolution % multiple:
         raise SystemExit(f"--resolution {args.resolution} must be a multiple of {multiple} for this model")
     pick = lambda name: defaults[name] if getattr(args, name) is None else getattr(args, name)
@@ -151,17 +156,6 @@ def sampler_settings(args, images_per_prompt: int) -> dict:
     if settings["steps"] < 1 or args.resolution < 1 or args.batch_size < 1 or images_per_prompt < 1:
         raise SystemExit("--steps, --resolution, --batch-size and --images-per-prompt must be positive")
     return settings
-
-
-def repo_shift(repo: Path) -> float:
-    """The static shift in <repo>/scheduler/scheduler_config.json (Z-Image-Turbo: 3.0)."""
-    config_file = repo / "scheduler" / "scheduler_config.json"
-    config = read_json(config_file)
-    if config is None or "shift" not in config:
-        raise SystemExit(f"{config_file} is missing or has no 'shift'; pass --shift")
-    if config.get("use_dynamic_shifting"):
-        raise SystemExit(f"{config_file} asks for dynamic shifting, which this sampler does not do; pass --shift")
-    return float(config["shift"])
 
 
 def check_settings(out: Path, settings: dict):

@@ -1,6 +1,7 @@
 """bench/geneval.py: GenEval's rules on hand-made detections, the detector's post-processing geometry, and a tiny
 end-to-end run (tiny L2P checkpoint, random Mask2Former and CLIP judges built here) with resumption."""
 
+import argparse
 import json
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 import convert
 import model
-from bench import geneval
+from bench import evalgen, geneval
 from bench.geneval import evaluate_image, kept_objects, relative_position
 from tiny import give_head_an_output, make_tiny_zimage_repo
 
@@ -349,3 +350,24 @@ def test_latent_source_uses_its_vae_and_scheduler_shift(setup, generated, tmp_pa
     with pytest.raises(SystemExit, match="carries no text encoder"):
         geneval.main(["--metadata", str(setup.metadata), "--out", str(out), "--stage", "generate",
                       "--ckpt", str(setup.ckpt)])
+
+
+def test_latent_defaults_are_the_repos_own_sampler(setup, tmp_path):
+    """--latent takes its steps, CFG and shift from model.source_sampler_settings: Z-Image base (shift 6) samples
+    with 50 steps and CFG 5.0 (w = 4), not Turbo's 8 steps without CFG; flags still win."""
+    base = tmp_path / "Z-Image"
+    for part in setup.repo.iterdir():
+        if part.name != "scheduler":
+            (base / part.name).parent.mkdir(exist_ok=True)
+            (base / part.name).symlink_to(part)
+    (base / "scheduler").mkdir()
+    (base / "scheduler" / "scheduler_config.json").write_text(json.dumps({"shift": 6.0}))
+    parser = argparse.ArgumentParser()
+    evalgen.add_generation_args(parser)
+    settings = evalgen.sampler_settings(parser.parse_args(["--latent", str(base), "--resolution", "32"]), 1)
+    assert (settings["steps"], settings["guidance"], settings["shift"]) == (50, 5.0, 6.0)
+    settings = evalgen.sampler_settings(parser.parse_args(["--latent", str(base), "--resolution", "32", "--steps", "3",
+                                                           "--guidance", "1"]), 1)
+    assert (settings["steps"], settings["guidance"], settings["shift"]) == (3, 1.0, 6.0)
+    with pytest.raises(SystemExit, match="multiple of 16"):
+        evalgen.sampler_settings(parser.parse_args(["--latent", str(base), "--resolution", "24"]), 1)
