@@ -80,6 +80,7 @@ def parse_args(argv=None):
                         help="keep: copied tensors keep the source dtype (bit-identical), new ones are fp32; "
                              "bf16 / fp32: cast everything (bf16 halves the file)")
     args = parser.parse_args(argv)
+    model.check_finite(parser, args)
     if args.patch not in (16, 32, 64, 128):
         parser.error(f"--patch {args.patch}: the Detailer Head needs 16, 32, 64 or 128 (one pooling level per "
                      "factor 2 down to the token grid)")
@@ -214,7 +215,7 @@ def new_tensors(cfg, seed: int, aligned: dict[str, torch.Tensor] | None = None) 
     Linear; the head as DetailerHead.reset_parameters), with the aligned embedder and the lift where given (the
     head's draw is then the same as without them)."""
     torch.manual_seed(seed)
-    p, flux2 = cfg.patch_size, isinstance(cfg, model.Flux2Config)
+    p, flux2 = cfg.patch_size, cfg.family == "flux2"
     embedder = torch.nn.Linear(p * p * cfg.in_channels, cfg.dim, bias=not flux2)
     head = model.DetailerHead(model.head_channels(cfg), cfg.dim, p, cfg.head_width, cfg.in_channels)
     name = "pixel_embedder" if flux2 else f"all_x_embedder.{p}-1"
@@ -236,7 +237,7 @@ def aligned_tensors(args, source: model.DiTCheckpoint, cfg) -> tuple[dict[str, t
         raise SystemExit(f"--src {args.src} is a single file: pass the source's VAE with --vae (its repo's vae/ or "
                          "ae.safetensors)")
     basis, scale, stats, kept = fit_to_source(args, vae)
-    latent = "x_embedder." if isinstance(cfg, model.Flux2Config) else f"all_x_embedder.{model.ZIMAGE_LATENT_PATCH}-1."
+    latent = "x_embedder." if cfg.family == "flux2" else f"all_x_embedder.{model.ZIMAGE_LATENT_PATCH}-1."
     embedder = {k.removeprefix(latent): t.float() for k, t in source.tensors() if k.startswith(latent)}
     aligned = {"weight": embedder["weight"] @ basis, **({"bias": embedder["bias"]} if "bias" in embedder else {})}
     if cfg.lift_dim:
@@ -274,7 +275,7 @@ def main(argv=None):
         return merge(source, out, cast, args)
     if source.cfg.pixel_head:
         raise SystemExit(f"--src {args.src} is already an L2P pixel model ({source.layout}); pass a latent source")
-    flux2 = isinstance(source.cfg, model.Flux2Config)
+    flux2 = source.cfg.family == "flux2"
     if args.tail_modulation and not (flux2 and 0 < args.tail_modulation < source.cfg.num_single_layers):
         raise SystemExit(f"--tail-modulation {args.tail_modulation}: a FLUX.2 source and fewer than its "
                          "single-stream blocks")

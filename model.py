@@ -19,6 +19,7 @@ Sections
                     load_model (Z-Image, L2P, FLUX.2; every published layout), load_vae, load_text_encoder
   8. Sampling       shifted sigma grid, per-seed noise, Euler sampler with CFG, generate, the sources' presets
   9. I/O            atomic writes, PNG and grids, the caption-feature cache, processes (torchrun), peak memory
+ 10. Memory plan    train.py's bytes per process by mode (standard, low memory, ZeRO) and the mode that fits
 """
 
 import hashlib
@@ -34,7 +35,7 @@ from datetime import timedelta
 from functools import partial
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -149,6 +150,7 @@ ZIMAGE_LATENT_PATCH = 2  # Z-Image's only latent patch: 2 x 2 positions of its 1
 
 @dataclass
 class ZImageConfig:
+    family: ClassVar[str] = "zimage"  # the one place scripts tell the two families apart
     in_channels: int = 16
     patch_size: int = 2
     dim: int = 3840
@@ -336,6 +338,7 @@ class ZImageDiT(nn.Module):
 class Flux2Config:
     # field names are the keys of diffusers' transformer/config.json (Flux2Transformer2DModel), so config_from_json
     # reads it directly; the defaults are FLUX.2 [klein] 4B's (diffusers' own defaults are FLUX.2 [dev]'s)
+    family: ClassVar[str] = "flux2"
     in_channels: int = 128  # the 2x2-patchified 32-channel VAE latent
     patch_size: int = 1  # one token per position of that latent: 16 x 16 pixels
     num_layers: int = 5  # double-stream blocks
@@ -657,9 +660,8 @@ class DetailerHead(nn.Module):
         """He-normal convolutions and zero biases, so that every conv keeps its input's scale; the output conv starts
         at zero, so the prediction starts at 0 whatever the scale of the DiT's tokens. The token map (the prompt, and
         the only source of sigma) enters at the bottleneck, eight convolutions from the output: PyTorch's default
-        init shrinks the variance 3x per conv, so the tokens reached the output ~500x weaker than the noisy image's
-        skip path, and training learned to ignore them (a toy head after 2,250 steps: two prompts' outputs 2e-9
-        apart, relative)."""
+        init shrinks the variance at every conv, so the tokens reached the output far weaker than the noisy image's
+        skip path, and training learned to ignore them (bench/RESULTS.md, the prompt effect)."""
         for name, conv in self.named_modules():
             if isinstance(conv, nn.Conv2d):
                 nn.init.kaiming_normal_(conv.weight, nonlinearity="linear" if name.startswith("up") else "relu")
@@ -813,7 +815,7 @@ def l2p_config(source: "ZImageConfig | Flux2Config", patch_size: int = 16, head_
     fitted embedder, the source's output layer kept and lifted, the head adds x0 detail to it)."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe {recipe!r}: one of {', '.join(RECIPES)}")
-    lift_dim = (ZIMAGE_LATENT_PATCH ** 2 * source.in_channels if isinstance(source, ZImageConfig) else
+    lift_dim = (ZIMAGE_LATENT_PATCH ** 2 * source.in_channels if source.family == "zimage" else
                 source.in_channels) if recipe == "lift" else 0
     if head_lift and not lift_dim:
         raise ValueError("the head can read the lifted prediction only with recipe 'lift'")
@@ -823,7 +825,7 @@ def l2p_config(source: "ZImageConfig | Flux2Config", patch_size: int = 16, head_
 
 
 def new_model(cfg: "ZImageConfig | Flux2Config") -> "ZImageDiT | Flux2DiT":
-    return (Flux2DiT if isinstance(cfg, Flux2Config) else ZImageDiT)(cfg)
+    return {"zimage": ZImageDiT, "flux2": Flux2DiT}[cfg.family](cfg)
 
 
 def set_trainable(model: "ZImageDiT | Flux2DiT", train_blocks: int = 5, strict: bool = False,
@@ -840,7 +842,7 @@ def set_trainable(model: "ZImageDiT | Flux2DiT", train_blocks: int = 5, strict: 
     one almost never (a private copy for the tail: cfg.single_tail), the timestep MLP that feeds them all only if
     everything trains. The caption embedder trains, except under strict.
     """
-    if isinstance(model, ZImageDiT):
+    if model.cfg.family == "zimage":
         stack, always = [f"layers.{i}." for i in range(model.cfg.n_layers)], ["all_x_embedder.", "local_decoder.",
                                                                           "all_final_layer."]
         loose = ["noise_refiner.", "context_refiner.", "t_embedder.", "cap_embedder.", "x_pad_token", "cap_pad_token"]
@@ -853,7 +855,7 @@ def set_trainable(model: "ZImageDiT | Flux2DiT", train_blocks: int = 5, strict: 
     if not 0 <= 2 * n <= len(stack):
         raise ValueError(f"--train-blocks {n}: needs 0 <= 2n <= {len(stack)} blocks")
     trained = set(stack[:n] + stack[len(stack) - n:])
-    if isinstance(model, Flux2DiT):
+    if model.cfg.family == "flux2":
         tail_from = cfg.num_single_layers - cfg.single_tail
         readers = {"double_stream_modulation_img.": stack[:cfg.num_layers],
                    "double_stream_modulation_txt.": stack[:cfg.num_layers],
@@ -1235,7 +1237,7 @@ def read_tensors(files: Iterable[Path], strip_prefix: str = "", meta: bool = Fal
     """Yields (key, tensor) one at a time, memory-mapped (copy what you keep); meta=True reads headers only.
 
     Each tensor gets a mapping of its own, closed once the caller moves on, so the pages of tensors already consumed
-    leave the resident set: a 24 GB checkpoint streams into a bf16 model with ~1.1x of the model's memory.
+    leave the resident set: a checkpoint streams into a bf16 model without a second copy in memory.
     """
     for file in files:
         with open_safetensors(file) as f:
@@ -1469,7 +1471,7 @@ def trained_init_path(path: Path, init: Path | None = None) -> Path | None:
     return init
 
 
-def open_dit_checkpoint(path) -> DiTCheckpoint:
+def open_zimage_checkpoint(path) -> DiTCheckpoint:
     """Detect the layout of a Z-Image or L2P checkpoint from its config or its keys; reads no tensor data.
 
     Accepts a Z-Image repo root, a transformer/ folder (sharded or not), or a single .safetensors file: diffusers
@@ -1561,7 +1563,7 @@ def flux2_from_bfl(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tupl
                 yield key, tensor
                 continue
             if old == "final_layer.adaLN_modulation.1." and not tensor.is_meta:  # shapes alone need no swap, and
-                shift, scale = tensor.chunk(2, dim=0)  # torch.cat on meta imports ~800 modules (75 MB)
+                shift, scale = tensor.chunk(2, dim=0)  # torch.cat on meta tensors imports torch's meta-kernel registry
                 tensor = torch.cat([scale, shift])
             yield BFL_FLUX2_RENAMES[old] + key.removeprefix(old), tensor
 
@@ -1668,7 +1670,7 @@ def open_checkpoint(path, init: Path | None = None) -> DiTCheckpoint:
     if init is not None:
         base = open_checkpoint(init)
         return replace(base, layout=f"{base.layout} + trained tensors of {path.name}", trained=path)
-    return open_flux2_checkpoint(path) if detect_family(path) == "flux2" else open_dit_checkpoint(path)
+    return open_flux2_checkpoint(path) if detect_family(path) == "flux2" else open_zimage_checkpoint(path)
 
 
 def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16, init: Path | None = None
@@ -1740,36 +1742,73 @@ def flux_vae_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> FluxVAECo
                                                if k.startswith("encoder.down_blocks.0.resnets.")}))
 
 
-def load_vae(path, device="cpu", dtype=torch.float32, config=None) -> "FluxVAE | Flux2VAE":
-    """FLUX.1's autoencoder (Z-Image's) or FLUX.2's (its config.json class, or a single file's bn statistics, tell
-    them apart), from a repo root (with vae/), a diffusers vae folder (sharded or not), or one .safetensors file in
-    diffusers or LDM / BFL (ae.safetensors) names, optionally prefixed 'first_stage_model.' or 'vae.'.
+def load_vae(path, device="cpu", dtype=torch.float32, config=None, family: str | None = None
+             ) -> "FluxVAE | Flux2VAE":
+    """FLUX.1's autoencoder (Z-Image's) or FLUX.2's, from a repo root (with vae/), a diffusers vae folder (config.json
+    + one file or shards), or one .safetensors file in diffusers or LDM / BFL (ae.safetensors) names, optionally
+    prefixed 'first_stage_model.' or 'vae.'.
 
-    config: by default the folder's config.json; a single file's architecture is read from its shapes.
+    family: 'zimage' or 'flux2'; by default a folder's config.json class, or a single file's bn statistics (FLUX.2's
+    latent normalisation), tell them apart. config: by default the folder's config.json; a single file's
+    architecture is read from its shapes (FLUX.1) or is FLUX.2's. bn.num_batches_tracked (a count of training
+    batches) is not read.
     """
     path = component_dir(path, "vae")
-    if not (path.is_dir() or path.suffix == ".safetensors" and path.exists()):
+    if not (path.is_dir() or path.suffix == ".safetensors" and path.is_file()):
         raise CheckpointError(f"{path}: expected a repo root, a vae folder or an existing .safetensors file")
     config_file = path / "config.json"
-    if (json.loads(config_file.read_text()).get("_class_name") == "AutoencoderKLFlux2" if config_file.exists() else
-            path.is_file() and any(k.endswith("bn.running_mean") for k in safetensors_shapes([path]))):
-        return load_flux2_vae(path, device, dtype, config)
+    raw = json.loads(config_file.read_text()) if config_file.exists() else None
     files = safetensors_files(path) if path.is_dir() else [path]
-    naming, prefix = vae_naming(safetensors_shapes(files))
-    layout = f"{'folder' if path.is_dir() else 'single file'}, {naming} names"
+    if family is None:
+        family = "flux2" if ((raw or {}).get("_class_name") == "AutoencoderKLFlux2" if path.is_dir() else
+                             any(k.endswith("bn.running_mean") for k in safetensors_shapes(files))) else "zimage"
+    if family == "flux2" and path.is_dir():
+        config = flux2_vae_config(config_file, raw)
+    shapes = safetensors_shapes(files)
+    naming, prefix = vae_naming(shapes)
+    names = "BFL" if family == "flux2" and naming == "LDM" else naming
+    layout = f"{'folder' if path.is_dir() else 'single file'}, {names} names"
     layout += f", prefix '{prefix}'" if prefix else ""
-    shapes = {k.removeprefix(prefix): torch.empty(s, device="meta") for k, s in safetensors_shapes(files).items()}
-    levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith(("encoder.down.", "encoder.down_blocks.")))
     tensors = read_tensors(files, strip_prefix=prefix)
+    if family == "flux2":
+        if f"{prefix}bn.running_mean" not in shapes:
+            raise CheckpointError(f"{path} ({layout}) has no bn.running_mean: it looks like {guess_component(shapes)}, "
+                                  "not FLUX.2's VAE")
+        config = config or Flux2VAEConfig()
+        if naming == "LDM":
+            tensors = flux2_vae_from_bfl(tensors, levels=len(config.block_out_channels))
+        tensors = chain(((k, t) for k, t in tensors if k != "bn.num_batches_tracked"),
+                        [("bn.num_batches_tracked", torch.tensor(0))])
+        with torch.device("meta"):
+            vae = Flux2VAE(config)
+        return assign_weights(vae, tensors, layout, device=device, dtype=dtype).eval()
+    meta = {k.removeprefix(prefix): torch.empty(s, device="meta") for k, s in shapes.items()}
+    levels = 1 + max(int(k.split(".")[2]) for k in meta if k.startswith(("encoder.down.", "encoder.down_blocks.")))
     if naming == "LDM":
-        tensors = flux_vae_from_ldm(tensors, levels)
-        shapes = dict(flux_vae_from_ldm(shapes.items(), levels))
+        tensors, meta = flux_vae_from_ldm(tensors, levels), dict(flux_vae_from_ldm(meta.items(), levels))
     if config is None:
-        config = (config_from_json(FluxVAEConfig, path / "config.json") if (path / "config.json").exists() else
-                  flux_vae_config_from_shapes({k: tuple(t.shape) for k, t in shapes.items()}))
+        config = (config_from_json(FluxVAEConfig, config_file) if raw is not None else
+                  flux_vae_config_from_shapes({k: tuple(t.shape) for k, t in meta.items()}))
     with torch.device("meta"):
         vae = FluxVAE(config)
     return assign_weights(vae, tensors, layout, device=device, dtype=dtype).eval()
+
+
+def flux2_vae_config(config_file: Path, raw: dict | None) -> Flux2VAEConfig:
+    """The config of a FLUX.2 vae/ folder, refusing one that is not an architecture Flux2VAE implements."""
+    if raw is None:
+        raise CheckpointError(f"{config_file.parent} has no config.json: pass the FLUX.2 repo root, its vae/ folder, "
+                              "or BFL's ae.safetensors")
+    if raw.get("_class_name") != "AutoencoderKLFlux2":
+        raise CheckpointError(f"{config_file} describes a {raw.get('_class_name', 'config without _class_name')}, "
+                              "not FLUX.2's AutoencoderKLFlux2")
+    expected = {"use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True, "act_fn": "silu"}
+    unsupported = {k: raw[k] for k, ok in expected.items() if raw.get(k, ok) != ok}
+    if raw.get("decoder_block_out_channels") not in (None, raw.get("block_out_channels")):
+        unsupported["decoder_block_out_channels"] = raw["decoder_block_out_channels"]
+    if unsupported:
+        raise CheckpointError(f"{config_file}: {unsupported} is not an architecture this VAE implements")
+    return config_from_json(Flux2VAEConfig, config_file)
 
 
 def flux2_vae_from_bfl(items: Iterable[tuple[str, torch.Tensor]], levels: int = 4
@@ -1780,52 +1819,6 @@ def flux2_vae_from_bfl(items: Iterable[tuple[str, torch.Tensor]], levels: int = 
         if key.startswith(("encoder.quant_conv.", "decoder.post_quant_conv.")):
             key = key.partition(".")[2]
         yield key, tensor
-
-
-def load_flux2_vae(path, device="cpu", dtype=torch.float32, config: Flux2VAEConfig | None = None) -> Flux2VAE:
-    """FLUX.2's VAE from a repo root (with vae/), its diffusers vae/ folder (config.json + one file or shards), or
-    BFL's single ae.safetensors (optionally prefixed 'first_stage_model.' or 'vae.').
-
-    config: a single file's architecture when it is not FLUX.2's (default Flux2VAEConfig()); a folder's is read
-    from its config.json. bn.num_batches_tracked is not read (a count of training batches, unused).
-    """
-    path = component_dir(path, "vae")
-    if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.exists():
-            raise CheckpointError(f"{path} has no config.json: pass the FLUX.2 repo root, its vae/ folder, or BFL's "
-                                  "ae.safetensors")
-        raw = json.loads(config_file.read_text())
-        if raw.get("_class_name") != "AutoencoderKLFlux2":
-            raise CheckpointError(f"{config_file} describes a {raw.get('_class_name', 'config without _class_name')},"
-                                  " not FLUX.2's AutoencoderKLFlux2")
-        unsupported = {k: raw[k] for k, ok in (("use_quant_conv", True), ("use_post_quant_conv", True),
-                                               ("mid_block_add_attention", True), ("act_fn", "silu"))
-                       if raw.get(k, ok) != ok}
-        if raw.get("decoder_block_out_channels") not in (None, raw.get("block_out_channels")):
-            unsupported["decoder_block_out_channels"] = raw["decoder_block_out_channels"]
-        if unsupported:
-            raise CheckpointError(f"{config_file}: {unsupported} is not an architecture this VAE implements")
-        config, files = config_from_json(Flux2VAEConfig, config_file), safetensors_files(path)
-    elif path.suffix == ".safetensors" and path.is_file():
-        config, files = config or Flux2VAEConfig(), [path]
-    else:
-        raise CheckpointError(f"{path}: expected a repo root, a vae folder or an existing .safetensors file")
-    shapes = safetensors_shapes(files)
-    naming, prefix = vae_naming(shapes)
-    layout = f"{'folder' if path.is_dir() else 'single file'}, {'diffusers' if naming == 'diffusers' else 'BFL'} names"
-    layout += f", prefix '{prefix}'" if prefix else ""
-    if f"{prefix}bn.running_mean" not in shapes:
-        raise CheckpointError(f"{path} ({layout}) has no bn.running_mean: it looks like {guess_component(shapes)}, "
-                              "not FLUX.2's VAE")
-    with torch.device("meta"):
-        vae = Flux2VAE(config)
-    tensors = read_tensors(files, strip_prefix=prefix)
-    if naming == "LDM":
-        tensors = flux2_vae_from_bfl(tensors, levels=len(config.block_out_channels))
-    tensors = chain(((k, t) for k, t in tensors if k != "bn.num_batches_tracked"),
-                    [("bn.num_batches_tracked", torch.tensor(0))])
-    return assign_weights(vae, tensors, layout, device=device, dtype=dtype).eval()
 
 
 def qwen3_config_from_shapes(shapes: dict[str, tuple]) -> "Qwen3Config":
@@ -1909,10 +1902,21 @@ def load_text_encoder(path, device="cpu", dtype=torch.bfloat16, tokenizer=None, 
     The tokenizer comes from `tokenizer` (a folder) if given, else the repo's tokenizer/ folder (a sibling of
     text_encoder/ or of the single file), else the text_encoder folder itself.
     """
-    from transformers import AutoTokenizer, Qwen3Config
+    from transformers import AutoTokenizer
+
+    family = family or pipeline_family(path)
+    config, files, tok_folder = text_encoder_files(path, tokenizer)
+    n_layers = max(layers) if family == "flux2" else None
+    model = qwen3_from_tensors(config, read_tensors(files), device=device, dtype=dtype, n_layers=n_layers)
+    return TextEncoder(AutoTokenizer.from_pretrained(tok_folder, local_files_only=True), model, family, layers)
+
+
+def text_encoder_files(path, tokenizer=None) -> tuple["Qwen3Config", list[Path], Path]:
+    """(Qwen3 config, weight files, tokenizer folder) of a repo root, its text_encoder/ folder or a single file,
+    from configs and headers alone."""
+    from transformers import Qwen3Config
 
     path = Path(path)
-    family = family or pipeline_family(path)
     if path.is_file():
         config = qwen3_config_from_shapes(safetensors_shapes([path]))
         files, tok_folder = [path], _tokenizer_folder(tokenizer, path.parent / "tokenizer")
@@ -1931,9 +1935,23 @@ def load_text_encoder(path, device="cpu", dtype=torch.bfloat16, tokenizer=None, 
         files, tok_folder = safetensors_files(path), _tokenizer_folder(tokenizer, path.parent / "tokenizer", path)
     else:
         raise CheckpointError(f"{path} does not exist")
-    n_layers = max(layers) if family == "flux2" else None
-    model = qwen3_from_tensors(config, read_tensors(files), device=device, dtype=dtype, n_layers=n_layers)
-    return TextEncoder(AutoTokenizer.from_pretrained(tok_folder, local_files_only=True), model, family, layers)
+    return config, files, tok_folder
+
+
+def check_text_encoder(path, cfg: "ZImageConfig | Flux2Config") -> None:
+    """CheckpointError (one line) unless the text encoder at `path` makes the caption features a DiT of config `cfg`
+    reads: cap_feat_dim wide in its family's recipe (FLUX.2's stacks hidden states up to 27). Both families' real
+    encoders are the same Qwen3-4B, so either repo's encoder serves either DiT; a mismatch is a wrong file."""
+    config = text_encoder_files(path)[0]
+    flux2 = cfg.family == "flux2"
+    width = config.hidden_size * (len(FLUX2_TEXT_LAYERS) if flux2 else 1)
+    too_shallow = flux2 and config.num_hidden_layers < max(FLUX2_TEXT_LAYERS)
+    if width != cfg.cap_feat_dim or too_shallow:
+        raise CheckpointError(
+            f"text encoder {path}: a Qwen3 of {config.num_hidden_layers} layers x {config.hidden_size} makes "
+            f"{width}-wide {'FLUX.2' if flux2 else 'Z-Image'} caption features"
+            f"{f' (FLUX.2 reads hidden state {max(FLUX2_TEXT_LAYERS)})' if too_shallow else ''}, but the checkpoint "
+            f"reads {cfg.cap_feat_dim}: pass the text encoder of the checkpoint's source repo")
 
 
 def compile_blocks(net: nn.Module) -> nn.Module:
@@ -2218,8 +2236,102 @@ def run_script(main: Callable[[], object]) -> None:
         os._exit(0)
 
 
+def check_finite(parser, args) -> None:
+    """parser.error (one line, exit status 2) for a float flag that is nan or infinite, which range checks let pass
+    (nan < 0 is False)."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"--{name.replace('_', '-')} {value}: must be finite")
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """Peak memory so far: allocated on a CUDA device, the process's resident high-water mark on the CPU."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 10. Training memory plan: what train.py keeps where, by mode (standard, low memory, ZeRO), in bytes per process
+# ----------------------------------------------------------------------------------------------------------------
+
+# Tensors of one DiT block kept for its backward pass, per token, in [dim] and [ffn_dim] rows (counted in
+# DiTBlock.forward: norms, modulation, q k v before and after norm and RoPE, attention output, projections, the three
+# SwiGLU products), plus those alive while its gradients are formed.
+BLOCK_DIM_ROWS, BLOCK_FFN_ROWS = 22, 7
+# Detailer Head, per pixel of a level with c channels (input c_in): encoder conv in/out, skip, decoder upsample,
+# concat (2c), conv out and activation, plus the gradients alive at the widest level.
+HEAD_ROWS_C, HEAD_ROWS_CIN = 8, 4
+GIB = 2 ** 30
+CHUNK_ELEMENTS = 2 ** 26  # fp32 gradients made from .grad: at most ~this many elements (256 MB) exist at a time
+
+
+def trainable_counts(cfg: "ZImageConfig | Flux2Config", train_blocks: int, strict: bool, head_only: bool) -> dict:
+    """Parameter counts of the freeze policy (set_trainable), from a meta-device model (no memory)."""
+    with torch.device("meta"):
+        net = new_model(cfg)
+    trainable, frozen = set_trainable(net, train_blocks, strict, head_only)
+    sizes = [p.numel() for p in net.parameters() if p.requires_grad]
+    return dict(trainable=trainable, frozen=frozen, largest=max(sizes), head=[c for _, c in net.local_decoder.levels])
+
+
+def activation_bytes(cfg: ZImageConfig, head: list[int], res: int, micro_batch: int, caption_tokens: int,
+                     elem: int, checkpointing: bool) -> int:
+    """Activations of one forward + backward pass (micro-batch at res x res, captions of caption_tokens)."""
+    if cfg.family == "flux2":  # a double block counts as one block per stream; captions are not padded
+        n_img, n_cap, ffn = (res // cfg.patch_size) ** 2, caption_tokens, cfg.mlp_hidden
+        runs = [n_img, n_cap] * cfg.num_layers + [n_img + n_cap] * cfg.num_single_layers
+    else:
+        n_img, n_cap, ffn = round_up((res // cfg.patch_size) ** 2), round_up(caption_tokens), cfg.ffn_dim
+        runs = [n_img] * cfg.n_refiner_layers + [n_cap] * cfg.n_refiner_layers + [n_img + n_cap] * cfg.n_layers
+    block = lambda s: s * (BLOCK_DIM_ROWS * cfg.dim + BLOCK_FFN_ROWS * ffn) * elem
+    # with checkpointing each block keeps its input and one block at a time is recomputed in full
+    dit = sum(runs) * cfg.dim * elem + block(n_img + n_cap) if checkpointing else sum(block(s) for s in runs)
+    decoder, c_in, side = 0, cfg.in_channels, res
+    for c in head:
+        decoder, c_in, side = decoder + side * side * (HEAD_ROWS_C * c + HEAD_ROWS_CIN * c_in) * elem, c, side // 2
+    pixels = 8 * 3 * res * res * 4  # x0, noise, x_sigma, v, target, difference... in fp32
+    return micro_batch * (dit + decoder + pixels)
+
+
+def memory_plan(cfg: ZImageConfig, counts: dict, *, res: int, micro_batch: int, caption_tokens: int, elem: int,
+                low_memory: bool, world: int, zero: bool, ema: bool, checkpointing: bool) -> dict:
+    """Bytes per process, split into what lives on the GPU and on the host (low-memory mode)."""
+    trainable, largest = counts["trainable"], counts["largest"]
+    hook = world == 1 and not low_memory
+    chunk = trainable if hook else math.ceil(trainable / world) if zero else min(trainable, CHUNK_ELEMENTS + largest)
+    optimizer = {"fp32 master weights": 4 * trainable, f"AdamW state{' (own shard)' * zero}": 8 * trainable // (
+        world if zero else 1), "fp32 gradients" + (" (accumulators)" if hook else " (being stepped)"): 4 * chunk,
+        "EMA": 4 * trainable * ema}
+    gpu = {"frozen weights": elem * counts["frozen"], "trained weights": elem * trainable,
+           "gradients in flight (largest two)" if hook else "gradients (.grad / DDP buckets)":
+               2 * elem * largest if hook else elem * trainable}
+    gpu.update({} if low_memory else optimizer)
+    gpu["activations"] = activation_bytes(cfg, counts["head"], res, micro_batch, caption_tokens, elem, checkpointing)
+    host = optimizer if low_memory else {}
+    return dict(gpu={k: v for k, v in gpu.items() if v}, host={k: v for k, v in host.items() if v},
+                gpu_total=sum(gpu.values()), host_total=sum(host.values()))
+
+
+def choose_memory_mode(cfg: "ZImageConfig | Flux2Config", counts: dict, *, per_rank: int, micro_batch: int | None,
+                       low_memory: bool | None, zero: bool | None, world: int, capacity: float, **sizes
+                       ) -> tuple[dict, int, bool, bool]:
+    """(plan, micro-batch, low memory, ZeRO): the given ones (not None), else what the plan fits into `capacity`
+    bytes; sizes: memory_plan's res, caption_tokens, elem, ema, checkpointing."""
+    plan = lambda micro, low, shard: memory_plan(cfg, counts, micro_batch=micro, low_memory=low, world=world,
+                                                 zero=shard, **sizes)
+    low = low_memory if low_memory is not None else capacity < 36e9 or plan(1, False, world > 1)["gpu_total"] > capacity
+    if world == 1 or low:
+        zero = False
+    elif zero is None:
+        zero = plan(1, False, False)["gpu_total"] > capacity
+    micro = micro_batch or next((m for m in range(per_rank, 0, -1) if per_rank % m == 0 and
+                                 plan(m, low, zero)["gpu_total"] <= capacity), 1)
+    return plan(micro, low, zero), micro, low, zero
+
+
+def format_plan(title: str, plan: dict) -> str:
+    lines = [title] + [f"  {where:4s} {label:36s} {size / GIB:8.2f} GiB"
+                       for where in ("gpu", "host") for label, size in plan[where].items()]
+    return "\n".join(lines + [f"  total per GPU {plan['gpu_total'] / GIB:.2f} GiB, host {plan['host_total'] / GIB:.2f} "
+                              "GiB per process (plus the CUDA context and libraries, ~1-3 GiB)"])

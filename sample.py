@@ -60,9 +60,12 @@ def parse_args(argv=None):
     parser.add_argument("--latent-steps", type=int, help="source sampler steps (default: Z-Image-Turbo 8, base 50; "
                                                          "klein 4, klein-base 50)")
     parser.add_argument("--latent-cfg", type=float,
-                        help="source CFG w in Z-Image's convention pos + w (pos - neg) (default: Turbo 0, base 4; "
-                             "klein 0, klein-base 3, i.e. FLUX.2's guidance 4.0)")
+                        help="source CFG scale c, as --cfg (default: Z-Image-Turbo 1, Z-Image base 5, i.e. its own "
+                             "w = 4 with c = 1 + w; klein 1, klein-base 4)")
     args = parser.parse_args(argv)
+    model.check_finite(parser, args)
+    if args.seed < 0:
+        parser.error(f"--seed must be at least 0, got {args.seed}")
     for name in ("res", "width", "height", "steps", "num_images", "batch_size", "latent_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -149,7 +152,7 @@ def main(argv=None):
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = parse_args(argv)
     prompts = read_prompts(args)
-    torch.set_flush_denormal(True)  # CPU: subnormal floats are many times slower (a toy training step: 1 s vs 0.2 s)
+    torch.set_flush_denormal(True)  # CPU: arithmetic on subnormal floats is many times slower
     if args.ckpt is None and args.latent is None:
         raise SystemExit("nothing to sample: pass --ckpt <L2P checkpoint> (and/or --latent <source repo>)")
     text_encoder = args.text_encoder or args.latent
@@ -165,10 +168,11 @@ def main(argv=None):
             raise SystemExit(f"--ckpt {args.ckpt} is a latent transformer ({checkpoint.layout}), not an L2P pixel "
                              "model: make one with convert.py, or sample the source with --latent <repo>")
         patch = checkpoint.cfg.patch_size
-        family = "flux2" if isinstance(checkpoint.cfg, model.Flux2Config) else "zimage"
+        family = checkpoint.cfg.family
     if family and args.latent and model.pipeline_family(args.latent) != family:
         raise SystemExit(f"--ckpt is an L2P model of {family}, --latent a {model.pipeline_family(args.latent)} repo: "
                          "their prompts are encoded differently; sample them one at a time")
+    model.check_text_encoder(text_encoder, checkpoint.cfg if args.ckpt else model.open_checkpoint(args.latent).cfg)
     width, height, steps, cfg, shift = resolve_settings(args, patch, family == "flux2")
     jobs = [(i, args.seed + k) for i in range(len(prompts)) for k in range(args.num_images)]
     out = Path(args.out)
@@ -192,7 +196,7 @@ def main(argv=None):
             raise SystemExit(f"{width}x{height}: the latent source needs multiples of 16 (VAE x8, latent patch 2)")
         source = model.source_sampler_settings(args.latent, height, width, args.latent_steps)
         latent_steps = source["steps"]
-        latent_guidance = 1 + args.latent_cfg if args.latent_cfg is not None else source["guidance"]
+        latent_guidance = args.latent_cfg if args.latent_cfg is not None else source["guidance"]
         dit = model.load_model(args.latent, device=args.device, dtype=dtype)
         vae = model.load_vae(args.latent, device=args.device)
         results["latent"] = run(dit, features, negative, jobs, (height, width), latent_steps, latent_guidance,
@@ -200,7 +204,7 @@ def main(argv=None):
         del dit, vae
         for (i, seed), pixels in results["latent"].items():
             model.save_png(output_path(out, i, seed, single, "_latent"), pixels,
-                     {"prompt": prompts[i], "seed": seed, "steps": latent_steps, "cfg_w": latent_guidance - 1,
+                     {"prompt": prompts[i], "seed": seed, "steps": latent_steps, "cfg": latent_guidance,
                       "shift": source["shift"], "checkpoint": Path(args.latent).name, "model": "latent source"})
     if len(results) == 2:
         for job in jobs:  # side by side: L2P | latent source

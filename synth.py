@@ -12,7 +12,7 @@ manifold the kept backbone already models, which is why the transfer converges f
 photos in the paper's ablation).
 
 Output, in --out:
-  images/<prompt index:06d>_s<seed index>.png  8-bit RGB; prompt, seed, steps, cfg, shift, source in PNG text chunks
+  images/<prompt index:06d>_s<seed index>.png  8-bit RGB; prompt, seed, steps, guidance, shift, source in PNG text
   features/<hash of the prompt>.safetensors    "cap" [L, D] bf16: the prompt's Qwen3 features, valid rows only, the
                                                prompt in the metadata (model.py's caption-feature cache, which
                                                train.py reads); also the empty negative prompt's when CFG is on.
@@ -172,8 +172,8 @@ def read_prompts(spec: str) -> list[str]:
 
 NEGATIVE_PROMPT = ""
 # The settings that decide what the images are; a rerun into the same --out must match them all.
-CORPUS_KEYS = ("source", "prompts_sha256", "num_prompts", "seeds", "seed", "width", "height", "steps", "cfg",
-               "shift", "dtype")
+CORPUS_KEYS = ("source", "prompts_sha256", "num_prompts", "seeds", "seed", "width", "height", "steps",
+               "guidance", "shift", "dtype")
 
 
 def parse_args(argv=None):
@@ -197,9 +197,9 @@ def parse_args(argv=None):
                         help="Euler steps. Default from the source: Z-Image-Turbo (scheduler shift 3) 8, Z-Image base 50; "
                              "klein (model_index.json is_distilled) 4, klein-base 50")
     parser.add_argument("--cfg", type=float,
-                        help="classifier-free guidance w in Z-Image's convention pos + w * (pos - neg) with the "
-                             "empty negative prompt (guidance 1 + w); 0 = off. Default from the source, like "
-                             "--steps: Turbo 0, Z-Image base 4, klein 0, klein-base 3 (FLUX.2's guidance 4.0)")
+                        help="classifier-free guidance c, v = v_neg + c (v_pos - v_neg) with the empty negative "
+                             "prompt; 1 = off. Default from the source, like --steps: Turbo 1, Z-Image base 5 "
+                             "(its own w = 4, c = 1 + w), klein 1, klein-base 4")
     parser.add_argument("--shift", type=float,
                         help="sigma shift of the sampler; default: Z-Image's scheduler_config.json shift, or FLUX.2's "
                              "exp(mu) for the image's token count and the steps")
@@ -216,7 +216,9 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                         help="DiT and text encoder precision; auto = bf16 on cuda, fp32 on cpu. The VAE always runs "
                              "in fp32, as in the official code")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    model.check_finite(parser, args)
+    return args
 
 
 def check_source(src: Path) -> int:
@@ -245,7 +247,8 @@ def resolve_settings(args, device: torch.device) -> tuple[dict, list[str], int]:
         raise SystemExit(f"image size {width}x{height}: width and height must be positive multiples of 16 (the "
                          "8x VAE times the 2x2 latent patch); e.g. --res 1024, or --width 1216 --height 832")
     for flag, value, least in (("--seeds", args.seeds, 1), ("--seed", args.seed, 0),
-                               ("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1), ("--cfg", args.cfg, 0)):
+                               ("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
+                               ("--cfg", args.cfg, 1)):
         if value is not None and value < least:
             raise SystemExit(f"{flag} {value}: must be at least {least}")
     if args.shift is not None and args.shift <= 0:
@@ -253,14 +256,14 @@ def resolve_settings(args, device: torch.device) -> tuple[dict, list[str], int]:
     src = Path(args.src).resolve()
     cap_dim = check_source(src)
     prompts = read_prompts(args.prompts)
-    try:  # Z-Image-Turbo (shift 3): 8 steps, no CFG; base (shift 6): 50, w = 4; FLUX.2 klein-base: 50, w = 3
+    try:  # Z-Image-Turbo (shift 3): 8 steps, no CFG; base (shift 6): 50, c = 5; FLUX.2 klein-base: 50, c = 4
         preset = model.source_sampler_settings(src, height, width, args.steps)
     except (model.CheckpointError, OSError, json.JSONDecodeError) as e:
         raise SystemExit(f"--src {src}: {e}") from None
     settings = dict(source=src.name, prompts_sha256=hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
                     num_prompts=len(prompts), seeds=args.seeds, seed=args.seed, width=width, height=height,
                     steps=args.steps or preset["steps"],
-                    cfg=float(preset["guidance"] - 1 if args.cfg is None else args.cfg),
+                    guidance=float(preset["guidance"] if args.cfg is None else args.cfg),
                     shift=float(args.shift or preset["shift"]),
                     dtype="bf16" if args.dtype == "bf16" or args.dtype == "auto" and device.type == "cuda" else "fp32")
     return settings, prompts, cap_dim
@@ -338,7 +341,7 @@ def gather_features(out: Path, src: Path, prompts: list[str], mine: list, pendin
     rank 0. Files that load are used; the rest is encoded (and cached), and the text encoder freed before the DiT
     loads.
     """
-    negative = [NEGATIVE_PROMPT] if settings["cfg"] > 0 else []
+    negative = [NEGATIVE_PROMPT] if settings["guidance"] != 1 else []
     needed = {prompts[i] for i, _ in pending} | set(negative if pending else [])
     owned = {prompts[i] for i, j in mine if j == 0} | set(negative if rank == 0 else []) if cache else set()
     features, stale = {}, set()
@@ -364,7 +367,7 @@ def write_metadata(out: Path, prompts: list[str], settings: dict) -> list[dict]:
         for j in range(settings["seeds"]):
             if (out / image_name(i, j)).exists():
                 row = dict(file_name=image_name(i, j), prompt=prompt, seed=image_seed(settings, i, j),
-                           source=settings["source"], steps=settings["steps"], cfg=settings["cfg"],
+                           source=settings["source"], steps=settings["steps"], guidance=settings["guidance"],
                            shift=settings["shift"], width=settings["width"], height=settings["height"])
                 if features.exists():
                     row["features"] = features.relative_to(out).as_posix()
@@ -381,7 +384,7 @@ def make_images(out: Path, src: Path, prompts: list[str], pending: list, feature
         return 0
     dit = model.load_model(src, device=device, dtype=dtype)
     vae = model.load_vae(src, device=device, dtype=torch.float32)
-    neg = features.get(NEGATIVE_PROMPT) if settings["cfg"] > 0 else None
+    neg = features.get(NEGATIVE_PROMPT) if settings["guidance"] != 1 else None
     written, saving = 0, deque()
     with ThreadPoolExecutor(2) as writer, tqdm(total=len(pending), desc=f"generating (rank 0 of {world})",
                                                unit="img", disable=not show) as bar:
@@ -393,9 +396,9 @@ def make_images(out: Path, src: Path, prompts: list[str], pending: list, feature
             negative = {} if neg is None else dict(neg_cap=neg[None].expand(len(batch), -1, -1),
                                                    neg_mask=torch.ones(len(batch), len(neg), dtype=torch.bool))
             images = model.generate(dit, cap, mask, seeds, settings["height"], settings["width"], settings["steps"],
-                                    settings["shift"], guidance=1 + settings["cfg"], vae=vae, **negative)
+                                    settings["shift"], guidance=settings["guidance"], vae=vae, **negative)
             for (i, j), seed, pixels in zip(batch, seeds, model.to_uint8(images)):
-                text = dict(prompt=prompts[i], seed=seed, steps=settings["steps"], cfg=settings["cfg"],
+                text = dict(prompt=prompts[i], seed=seed, steps=settings["steps"], guidance=settings["guidance"],
                             shift=settings["shift"], source=settings["source"], software="l2p synth.py")
                 saving.append(writer.submit(model.save_png, out / image_name(i, j), pixels, text))
             bar.update(len(batch))
@@ -411,7 +414,7 @@ def make_images(out: Path, src: Path, prompts: list[str], pending: list, feature
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.time()
-    torch.set_flush_denormal(True)  # CPU: subnormal floats are many times slower (a toy training step: 1 s vs 0.2 s)
+    torch.set_flush_denormal(True)  # CPU: arithmetic on subnormal floats is many times slower
     rank, world, device = model.init_distributed(args.device)
     settings, prompts, cap_dim = resolve_settings(args, device)
     out, src = Path(args.out), Path(args.src).resolve()

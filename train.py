@@ -20,8 +20,8 @@ adds each into its master's fp32 .grad as soon as it is formed and frees it, so 
 are views into them) during the backward pass, earlier micro-batches under no_sync(). Memory modes (--plan-only):
   standard    masters and AdamW on the GPU; under torchrun ZeroRedundancyOptimizer shards AdamW's state (--zero)
   low memory  masters and AdamW on the CPU (fused CPU AdamW, a chunk of tensors at a time), gradients on the GPU in
-              the weights' dtype: the real model fits a 24 GB card and ~29 GiB of host memory (fp32 gradients on the
-              host would add 9.5 GiB). The default on cards under 40 GB or where standard does not fit.
+              the weights' dtype (fp32 gradients would double the host's share): the real model fits a 24 GB card. The
+              default on cards under 40 GB or where standard does not fit.
 
 Writes in --out: trained.safetensors (the trained tensors, and where their init is: model.load_model and sample.py
 read it over its init; `convert.py --src trained.safetensors` merges), trained_ema.safetensors (--ema),
@@ -90,7 +90,7 @@ def parse_args(argv=None):
     add("--res", type=int, default=1024, help="resolution: shorter side resized, centre crop; a multiple of the patch")
     # precision and memory
     add("--dtype", choices=["bf16", "fp32"], help="weights the network computes with (default: bf16 on CUDA, fp32 "
-                                                  "on the CPU, where bf16 convolutions are ~50x slower)")
+                                                  "on the CPU, where bf16 convolutions are many times slower)")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
         help="recompute each DiT block in the backward pass instead of keeping its activations")
     add("--compile", action="store_true", help="torch.compile the transformer blocks (the first steps compile)")
@@ -115,6 +115,7 @@ def parse_args(argv=None):
     add("--max-bad-steps", type=int, default=5, help="steps in a row with a non-finite loss or gradient (each "
                                                      "skipped) before the run stops, saved")
     args = parser.parse_args(argv)
+    model.check_finite(parser, args)
     for name, least in dict(max_steps=1, batch_size=1, micro_batch=1, res=1, log_every=1, save_every=1, sample_count=1,
                             sample_steps=1, max_bad_steps=1, head_lr_fan_in=0, warmup=0, sample_every=0, workers=0,
                             lr=0, weight_decay=0, grad_clip=0, ema=0).items():
@@ -135,7 +136,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.plan_only:
         return print_plans(args)
-    torch.set_flush_denormal(True)  # CPU: subnormal floats are many times slower (a toy training step: 1 s vs 0.2 s)
+    torch.set_flush_denormal(True)  # CPU: arithmetic on subnormal floats is many times slower
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before the first CUDA allocation
     rank, world, device = model.init_distributed(args.device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -155,7 +156,7 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
     args.loss = args.loss or ("x0" if cfg.x_prediction else "v")
     if args.shift is None:  # train on the sigmas the sampler uses at this size
         tokens = (args.res // cfg.patch_size) ** 2
-        flux2 = isinstance(cfg, model.Flux2Config)
+        flux2 = cfg.family == "flux2"
         args.shift = math.exp(model.compute_empirical_mu(tokens, 50)) if flux2 else 3.0
     out.mkdir(parents=True, exist_ok=True)
     records = find_records(Path(args.data))
@@ -175,9 +176,9 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
     counters = dict(state["counters"]) if state else {"bad_steps": 0, "skipped_images": 0}
     trainable = sum(p.numel() for p in weights.params.values())
     log({"event": "plan", "plan": plan, "micro_batch": micro, "low_memory": low_memory, "zero": zero, "world": world},
-        format_plan(f"memory plan: {'low memory' if low_memory else 'standard'}{' + ZeRO' * zero}, {world} process(es),"
-                    f" micro-batch {micro} x {n_micro} per process, global batch {args.batch_size}, {args.res}^2, "
-                    f"captions up to {caption_tokens} tokens", plan))
+        model.format_plan(f"memory plan: {'low memory' if low_memory else 'standard'}{' + ZeRO' * zero}, {world} "
+                          f"process(es), micro-batch {micro} x {n_micro} per process, global batch {args.batch_size}, "
+                          f"{args.res}^2, captions up to {caption_tokens} tokens", plan))
     log({"event": "start", "step": start, "records": len(records), "trainable": trainable, "layout": layout,
          "device": str(device), "dtype": args.dtype, "shift": args.shift, "workers": args.workers,
          "head_lr_scales": weights.lr_scales}, f"{'resuming at' if state else 'starting at'} step {start} of "
@@ -443,12 +444,12 @@ def prepare_features(records: list[Record], args, cfg: model.ZImageConfig, devic
     captions = sorted({r.caption for r in records if r.features is None} | ({""} if wants_negative else set()))
     todo = [c for c in captions if not model.caption_features_path(cache, c).exists()]
     if todo and args.text_encoder is not None:
+        model.check_text_encoder(args.text_encoder, cfg)
         if rank == 0:
             print(f"text encoder: encoding {len(todo)} captions with {args.text_encoder} into {cache}")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        family = "flux2" if isinstance(cfg, model.Flux2Config) else "zimage"
         if todo[rank::world]:
-            model.encode_to_cache(args.text_encoder, todo[rank::world], cache, device, dtype, family=family)
+            model.encode_to_cache(args.text_encoder, todo[rank::world], cache, device, dtype, family=cfg.family)
         barrier()  # every rank's captions are on disk before any rank reads them
     for r in records:
         r.features = r.features or str(model.caption_features_path(cache, r.caption))
@@ -472,9 +473,6 @@ def prepare_features(records: list[Record], args, cfg: model.ZImageConfig, devic
 # Trained weights: fp32 masters, AdamW (or ZeRO), EMA
 # ----------------------------------------------------------------------------------------------------------------
 
-CHUNK_ELEMENTS = 2 ** 26  # fp32 gradients made from .grad: at most ~this many elements (256 MB) exist at a time
-
-
 class MasterWeights:
     """fp32 masters of the trained tensors, their AdamW (or ZeRO) and EMA. With `hook` (one process, standard mode)
     each gradient goes into its master's fp32 .grad as it is formed; otherwise the weights' own .grad (DDP's buckets
@@ -492,16 +490,20 @@ class MasterWeights:
             torch.optim.AdamW(groups, **adamw)
         self.local = self.optimizer.optim if zero else self.optimizer  # the optimizer of the tensors this rank steps
         own = [n for n, m in masters.items() if any(m is q for g in self.local.param_groups for q in g["params"])]
-        self.chunks = [own] if hook or zero else [[]]
-        for name in own if not (hook or zero) else []:
-            if sum(self.params[n].numel() for n in self.chunks[-1]) + self.params[name].numel() > CHUNK_ELEMENTS:
-                self.chunks.append([])
-            self.chunks[-1].append(name)
+        self.chunks = [own]
+        if not (hook or zero):  # .grad becomes fp32 a chunk at a time: all at once would not fit beside the weights
+            self.chunks, size = [[]], 0
+            for name in own:
+                if self.chunks[-1] and size + self.params[name].numel() > model.CHUNK_ELEMENTS:
+                    self.chunks, size = self.chunks + [[]], 0
+                self.chunks[-1].append(name)
+                size += self.params[name].numel()
         self.chunks = [c for c in self.chunks if c]
         self.ema = {n: m.clone() for n, m in masters.items()} if args.ema else {}
-        for name, p in self.params.items() if hook else []:
-            masters[name].grad = torch.zeros_like(masters[name])
-            p.register_post_accumulate_grad_hook(self._accumulate(name))
+        if hook:
+            for name, p in self.params.items():
+                masters[name].grad = torch.zeros_like(masters[name])
+                p.register_post_accumulate_grad_hook(self._accumulate(name))
 
     def _accumulate(self, name: str):
         def take_gradient(p):
@@ -529,13 +531,15 @@ class MasterWeights:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         for chunk in self.chunks:
-            for name in chunk if not self.hook else []:
-                self.masters[name].grad = self.params[name].grad.to(self.masters[name].device).float()
+            if not self.hook:
+                for name in chunk:
+                    self.masters[name].grad = self.params[name].grad.to(self.masters[name].device).float()
             if 0 < grad_clip < norm:
                 torch._foreach_mul_([self.masters[n].grad for n in chunk], grad_clip / (norm + 1e-6))
             self.optimizer.step()  # steps the tensors that have a .grad: this chunk (ZeRO: its shard, then syncs all)
-            for name in chunk if not self.hook else []:
-                self.masters[name].grad = None
+            if not self.hook:
+                for name in chunk:
+                    self.masters[name].grad = None
         torch._foreach_zero_(grads)
         if self.ema:
             torch._foreach_lerp_(list(self.ema.values()), [self.masters[n] for n in self.ema], 1 - self.ema_decay)
@@ -555,8 +559,9 @@ class MasterWeights:
             self.local.state[self.masters[name]] = {k: v.to(self.masters[name].device) for k, v in states[name].items()}
         if self.ema and not ema.exists():
             raise SystemExit("--resume: the run has no trained_ema.safetensors; resume with the --ema it started with")
-        for name, tensor in model.read_tensors([ema]) if self.ema else []:
-            self.ema[name].copy_(tensor)
+        if self.ema:
+            for name, tensor in model.read_tensors([ema]):
+                self.ema[name].copy_(tensor)
 
 
 def lr_scale(name: str, params: dict[str, torch.Tensor], head_fan_in: int) -> float:
@@ -601,17 +606,8 @@ def load_for_training(path: Path, args, device: torch.device, master_device: tor
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Memory plan
+# Memory plan (model.py, section 10): the mode from the flags, or the one that fits
 # ----------------------------------------------------------------------------------------------------------------
-
-# Tensors of one DiT block kept for its backward pass, per token, in [dim] and [ffn_dim] rows (counted in
-# DiTBlock.forward: norms, modulation, q k v before and after norm and RoPE, attention output, projections, the three
-# SwiGLU products), plus those alive while its gradients are formed.
-BLOCK_DIM_ROWS, BLOCK_FFN_ROWS = 22, 7
-# Detailer Head, per pixel of a level with c channels (input c_in): encoder conv in/out, skip, decoder upsample,
-# concat (2c), conv out and activation, plus the gradients alive at the widest level.
-HEAD_ROWS_C, HEAD_ROWS_CIN = 8, 4
-GIB = 2 ** 30
 
 
 def freeze(net: "model.ZImageDiT | model.Flux2DiT", args) -> tuple[int, int]:
@@ -619,51 +615,9 @@ def freeze(net: "model.ZImageDiT | model.Flux2DiT", args) -> tuple[int, int]:
     return model.set_trainable(net, args.train_blocks, args.strict_freeze, args.trainable == "head")
 
 
-def plan_counts(cfg: model.ZImageConfig, args) -> dict:
-    """Parameter counts of the freeze policy, from a meta-device model (no memory)."""
-    with torch.device("meta"):
-        net = model.new_model(cfg)
-    trainable, frozen = freeze(net, args)
-    sizes = [p.numel() for p in net.parameters() if p.requires_grad]
-    return dict(trainable=trainable, frozen=frozen, largest=max(sizes), head=[c for _, c in net.local_decoder.levels])
-
-
-def activation_bytes(cfg: model.ZImageConfig, head: list[int], res: int, micro_batch: int, caption_tokens: int,
-                     elem: int, checkpointing: bool) -> int:
-    """Activations of one forward + backward pass (micro-batch at res x res, captions of caption_tokens)."""
-    if isinstance(cfg, model.Flux2Config):  # a double block counts as one block per stream; captions are not padded
-        n_img, n_cap, ffn = (res // cfg.patch_size) ** 2, caption_tokens, cfg.mlp_hidden
-        runs = [n_img, n_cap] * cfg.num_layers + [n_img + n_cap] * cfg.num_single_layers
-    else:
-        n_img, n_cap, ffn = model.round_up((res // cfg.patch_size) ** 2), model.round_up(caption_tokens), cfg.ffn_dim
-        runs = [n_img] * cfg.n_refiner_layers + [n_cap] * cfg.n_refiner_layers + [n_img + n_cap] * cfg.n_layers
-    block = lambda s: s * (BLOCK_DIM_ROWS * cfg.dim + BLOCK_FFN_ROWS * ffn) * elem
-    # with checkpointing each block keeps its input and one block at a time is recomputed in full
-    dit = sum(runs) * cfg.dim * elem + block(n_img + n_cap) if checkpointing else sum(block(s) for s in runs)
-    decoder, c_in, side = 0, cfg.in_channels, res
-    for c in head:
-        decoder, c_in, side = decoder + side * side * (HEAD_ROWS_C * c + HEAD_ROWS_CIN * c_in) * elem, c, side // 2
-    pixels = 8 * 3 * res * res * 4  # x0, noise, x_sigma, v, target, difference... in fp32
-    return micro_batch * (dit + decoder + pixels)
-
-
-def memory_plan(cfg: model.ZImageConfig, counts: dict, *, res: int, micro_batch: int, caption_tokens: int, elem: int,
-                low_memory: bool, world: int, zero: bool, ema: bool, checkpointing: bool) -> dict:
-    """Bytes per process, split into what lives on the GPU and on the host (low-memory mode)."""
-    trainable, largest = counts["trainable"], counts["largest"]
-    hook = world == 1 and not low_memory
-    chunk = trainable if hook else math.ceil(trainable / world) if zero else min(trainable, CHUNK_ELEMENTS + largest)
-    optimizer = {"fp32 master weights": 4 * trainable, f"AdamW state{' (own shard)' * zero}": 8 * trainable // (
-        world if zero else 1), "fp32 gradients" + (" (accumulators)" if hook else " (being stepped)"): 4 * chunk,
-        "EMA": 4 * trainable * ema}
-    gpu = {"frozen weights": elem * counts["frozen"], "trained weights": elem * trainable,
-           "gradients in flight (largest two)" if hook else "gradients (.grad / DDP buckets)":
-               2 * elem * largest if hook else elem * trainable}
-    gpu.update({} if low_memory else optimizer)
-    gpu["activations"] = activation_bytes(cfg, counts["head"], res, micro_batch, caption_tokens, elem, checkpointing)
-    host = optimizer if low_memory else {}
-    return dict(gpu={k: v for k, v in gpu.items() if v}, host={k: v for k, v in host.items() if v},
-                gpu_total=sum(gpu.values()), host_total=sum(host.values()))
+def plan_sizes(args, caption_tokens: int) -> dict:
+    return dict(res=args.res, caption_tokens=caption_tokens, elem=4 if args.dtype == "fp32" else 2, ema=args.ema > 0,
+                checkpointing=args.grad_checkpointing)
 
 
 def choose_plan(args, cfg: model.ZImageConfig, caption_tokens: int, world: int, device: torch.device):
@@ -673,27 +627,13 @@ def choose_plan(args, cfg: model.ZImageConfig, caption_tokens: int, world: int, 
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the {world} processes, and "
                          f"--micro-batch {args.micro_batch} must divide the per-process batch {per_rank}")
     try:
-        counts = plan_counts(cfg, args)
+        counts = model.trainable_counts(cfg, args.train_blocks, args.strict_freeze, args.trainable == "head")
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    plan = lambda micro, low, zero: memory_plan(cfg, counts, res=args.res, micro_batch=micro, world=world, zero=zero,
-                                                elem=2 if args.dtype == "bf16" else 4, caption_tokens=caption_tokens,
-                                                low_memory=low, ema=args.ema > 0, checkpointing=args.grad_checkpointing)
     capacity = 0.9 * torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else math.inf
-    low = args.low_memory if args.low_memory is not None else (
-        capacity < 36e9 or plan(1, False, world > 1)["gpu_total"] > capacity)
-    zero = world > 1 and not low and (args.zero if args.zero is not None else plan(1, False, False)["gpu_total"] >
-                                      capacity)
-    micro = args.micro_batch or next((m for m in range(per_rank, 0, -1) if per_rank % m == 0 and
-                                      plan(m, low, zero)["gpu_total"] <= capacity), 1)
-    return plan(micro, low, zero), micro, low, zero
-
-
-def format_plan(title: str, plan: dict) -> str:
-    lines = [title] + [f"  {where:4s} {label:36s} {size / GIB:8.2f} GiB"
-                       for where in ("gpu", "host") for label, size in plan[where].items()]
-    return "\n".join(lines + [f"  total per GPU {plan['gpu_total'] / GIB:.2f} GiB, host {plan['host_total'] / GIB:.2f} "
-                              "GiB per process (plus the CUDA context and libraries, ~1-3 GiB)"])
+    return model.choose_memory_mode(cfg, counts, per_rank=per_rank, micro_batch=args.micro_batch,
+                                    low_memory=args.low_memory, zero=args.zero, world=world, capacity=capacity,
+                                    **plan_sizes(args, caption_tokens))
 
 
 def print_plans(args):
@@ -701,21 +641,19 @@ def print_plans(args):
     source = model.Flux2Config() if args.size == "flux2" else model.ZImageConfig()
     cfg = l2p_config_of(args.init) if args.init else model.l2p_config(source, 16)
     args.trainable = args.trainable or ("head" if cfg.lift_dim else "shallow")
-    counts = plan_counts(cfg, args)
-    elem = 4 if args.dtype == "fp32" else 2
+    counts = model.trainable_counts(cfg, args.train_blocks, args.strict_freeze, args.trainable == "head")
     print(f"L2P of {type(cfg).__name__.removesuffix('Config')}, p={cfg.patch_size}, dim={cfg.dim}: "
           f"{counts['trainable'] + counts['frozen']:,d} "
           f"params, {counts['trainable']:,d} trainable (--train-blocks {args.train_blocks}"
           f"{', strict' if args.strict_freeze else ''}), {args.res}^2, captions of 512 tokens (the maximum), "
           f"{args.dtype or 'bf16'}, gradient checkpointing {'on' if args.grad_checkpointing else 'off'}")
-    modes = [("standard, micro-batch 1, 8 GPUs (the paper's setup)", False, 8, 1, False),
-             ("standard + ZeRO, micro-batch 1, 8 GPUs", False, 8, 1, True),
-             ("standard, micro-batch 1, 1 GPU (batch 8 by accumulation)", False, 1, 1, False),
-             ("low memory, micro-batch 1, 1 GPU (24 GB card)", True, 1, 1, False)]
-    for title, low, world, micro, zero in modes:
-        print(format_plan(title, memory_plan(cfg, counts, res=args.res, micro_batch=micro, caption_tokens=512,
-                                             elem=elem, low_memory=low, world=world, zero=zero, ema=args.ema > 0,
-                                             checkpointing=args.grad_checkpointing)))
+    modes = [("standard, micro-batch 1, 8 GPUs (the paper's setup)", False, 8, False),
+             ("standard + ZeRO, micro-batch 1, 8 GPUs", False, 8, True),
+             ("standard, micro-batch 1, 1 GPU (batch 8 by accumulation)", False, 1, False),
+             ("low memory, micro-batch 1, 1 GPU (24 GB card)", True, 1, False)]
+    for title, low, world, zero in modes:
+        print(model.format_plan(title, model.memory_plan(cfg, counts, micro_batch=1, low_memory=low, world=world,
+                                                         zero=zero, **plan_sizes(args, 512))))
 
 
 # ----------------------------------------------------------------------------------------------------------------

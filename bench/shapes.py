@@ -63,8 +63,8 @@ class Plan:
     eval_prompts: int  # distinct prompts scored per model, an equal share per task (fewer where a task has fewer)
     eval_seeds: int  # images per prompt, seeds 0, 1, ... (GenEval: 4)
     sample_steps: int
-    source_cfg_w: float  # the toy source's CFG, Z-Image convention pos + w (pos - neg)
-    pixel_cfg: float  # L2P convention neg + c (pos - neg)
+    source_cfg: float  # the toy source's CFG c, v_neg + c (v_pos - v_neg), as pixel_cfg
+    pixel_cfg: float
     train_blocks: int
     lift_lr: float  # --recipe lift: train.py's defaults for a lifted init (the head alone, x0 loss) at this lr
     head_steps: int  # --recipe lift: convert.py --head-steps (the head learns to decode the lifted latents)
@@ -74,10 +74,10 @@ class Plan:
 # with one lr for everything the deepest decoder conv dies and the output stops depending on the prompt. The lifted
 # model trains its head alone, taught to decode by convert.py --head-steps first, at one lower lr (bench/RESULTS.md).
 QUICK = Plan(corpus_prompts=256, corpus_seeds=2, pixel_steps=600, pixel_batch=16, pixel_lr=1e-3, head_lr_fan_in=288,
-             curve_every=200, eval_prompts=24, eval_seeds=2, sample_steps=10, source_cfg_w=2.0, pixel_cfg=2.0,
+             curve_every=200, eval_prompts=24, eval_seeds=2, sample_steps=10, source_cfg=3.0, pixel_cfg=2.0,
              train_blocks=1, lift_lr=3e-4, head_steps=1000)
 FULL = Plan(corpus_prompts=1000, corpus_seeds=2, pixel_steps=4000, pixel_batch=16, pixel_lr=1e-3, head_lr_fan_in=288,
-            curve_every=1000, eval_prompts=72, eval_seeds=4, sample_steps=30, source_cfg_w=2.0, pixel_cfg=2.0,
+            curve_every=1000, eval_prompts=72, eval_seeds=4, sample_steps=30, source_cfg=3.0, pixel_cfg=2.0,
             train_blocks=1, lift_lr=3e-4, head_steps=2000)
 
 
@@ -116,7 +116,7 @@ def sample_with_script(folder: Path, prompts_file: Path, plan: Plan, log_file: P
     if ckpt is not None:
         flags += ["--ckpt", ckpt, "--text-encoder", text_encoder, "--steps", plan.sample_steps, "--cfg", plan.pixel_cfg]
     else:
-        flags += ["--latent", latent, "--latent-steps", plan.sample_steps, "--latent-cfg", plan.source_cfg_w]
+        flags += ["--latent", latent, "--latent-steps", plan.sample_steps, "--latent-cfg", plan.source_cfg]
     script("sample.py", *flags, log_file=log_file)
 
 
@@ -348,7 +348,7 @@ def real_data_corpus(corpus: Path, out: Path, plan: Plan, seed: int):
 def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
     args = parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    torch.set_flush_denormal(True)  # CPU: subnormal floats are many times slower (a toy training step: 1 s vs 0.2 s)
+    torch.set_flush_denormal(True)  # CPU: arithmetic on subnormal floats is many times slower
     if args.train_source:
         return toysource.train_source(toysource.SourcePlan(), ROOT / "bench" / "runs" / "train-source", args.device,
                                       args.seed)
@@ -425,7 +425,7 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
 
     stage("synth.py corpus", lambda: script(
         "synth.py", "--src", source, "--prompts", corpus_prompts, "--out", corpus, "--seeds", plan.corpus_seeds,
-        "--res", SIZE, "--steps", plan.sample_steps, "--cfg", plan.source_cfg_w, "--shift", SHIFT,
+        "--res", SIZE, "--steps", plan.sample_steps, "--cfg", plan.source_cfg, "--shift", SHIFT,
         "--batch-size", 64, "--device", device, "--dtype", "fp32", log_file=log_file), corpus / "metadata.jsonl")
     recipe = args.recipe
     init, scratch_init = out / f"l2p-{recipe}-init.safetensors", out / "scratch-init.safetensors"

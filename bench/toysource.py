@@ -64,7 +64,7 @@ class SourcePlan:
     eval_prompts: int = 72  # GenEval protocol: 54 distinct prompts (tasks with fewer captions give fewer) ...
     eval_seeds: int = 4  # ... x 4 seeds
     sample_steps: int = 30
-    cfg_w: float = 2.0  # Z-Image's convention pos + w (pos - neg)
+    cfg: float = 3.0  # v_neg + c (v_pos - v_neg)
     eval_every: int = 2000
     save_every: int = 250
 
@@ -293,7 +293,7 @@ def sample_source(dit, text_model, tokenizer, vae, scenes, seeds: list[int], pla
         batch = scenes[i:i + 64]
         cap, mask = encode(text_model, [ids[s.caption] for s in batch], tokenizer.pad_token_id, device)
         neg, neg_mask = encode(text_model, [ids[""]] * len(batch), tokenizer.pad_token_id, device)
-        out = model.generate(dit, cap, mask, seeds[i:i + 64], SIZE, SIZE, plan.sample_steps, SHIFT, 1 + plan.cfg_w,
+        out = model.generate(dit, cap, mask, seeds[i:i + 64], SIZE, SIZE, plan.sample_steps, SHIFT, plan.cfg,
                              neg, neg_mask, vae=vae)
         images.append(model.to_uint8(out))
     return np.concatenate(images)
@@ -342,7 +342,7 @@ def score_source(root: Path, plan: SourcePlan, device, log_file: Path | None = N
     cmd = [sys.executable, str(ROOT / "sample.py"), "--latent", str(root), "--prompts", str(prompts_file), "--res",
            str(SIZE), "--out", str(folder), "--device", str(device), "--dtype", "fp32", "--batch-size", "32", "--seed",
            "0", "--num-images", str(plan.eval_seeds), "--latent-steps", str(plan.sample_steps), "--latent-cfg",
-           str(plan.cfg_w)]
+           str(plan.cfg)]
     with open(log_file or "/dev/null", "a") as out:
         subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=True, cwd=ROOT)
     from PIL import Image
@@ -400,10 +400,10 @@ def train_source(plan: SourcePlan, work: Path, device, seed: int = 0, target: Pa
     log("scoring the written source through sample.py --latent")
     score, recon = score_source(tmp, plan, device, work / "eval.log"), vae_score(model.load_vae(tmp), plan, "cpu")
     manifest = {"command": " ".join(["python", *sys.argv]), "commit": commit(), "plan": asdict(plan), "seed": seed,
-                "device": str(device), "hours_last_sitting": (time.time() - start) / 3600,  # resumed: that part
+                "device": str(device), "hours_since_start": (time.time() - start) / 3600,  # resumed: since then
                 "shapeeval": {"overall": score["overall"], "per_task": score["per_task"],
                               "protocol": f"{len(eval_scenes(plan.eval_prompts))} distinct prompts x "
-                                          f"{plan.eval_seeds} seeds, {plan.sample_steps} steps, CFG w {plan.cfg_w}, "
+                                          f"{plan.eval_seeds} seeds, {plan.sample_steps} steps, CFG {plan.cfg}, "
                                           f"shift {SHIFT}"},
                 "vae_reconstructions": {"overall": recon["overall"], "per_task": recon["per_task"]},
                 "curve": trained["history"] + [{"step": plan.steps, "shapeeval": score["overall"]}],

@@ -1,6 +1,7 @@
 """Every script, given bad input as a user would give it, ends in one clear line and a non-zero exit status, never a
-traceback: missing, truncated and non-safetensors checkpoints, the wrong kind of checkpoint, invalid numbers, sizes
-that are not a multiple of the patch, paths that do not exist, an empty prompt file."""
+traceback: missing, truncated and non-safetensors checkpoints, the wrong kind of checkpoint, a text encoder that
+cannot feed the checkpoint, invalid or non-finite numbers, sizes that are not a multiple of the patch, paths that do
+not exist, an empty prompt file."""
 
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import convert
-from tiny import make_tiny_zimage_repo
+from tiny import make_tiny_klein_repo, make_tiny_zimage_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +22,8 @@ def files(tmp_path_factory):
     repo = make_tiny_zimage_repo(root / "repo")
     init = root / "init.safetensors"
     convert.main(["--src", str(repo), "--out", str(init), "--recipe", "paper"])
+    klein = make_tiny_klein_repo(root / "klein", distilled=False)
+    convert.main(["--src", str(klein), "--out", str(root / "klein_init.safetensors"), "--recipe", "paper"])
     data = init.read_bytes()
     (root / "truncated.safetensors").write_bytes(data[:len(data) // 2])
     (root / "junk.safetensors").write_text("this is not a checkpoint")
@@ -58,6 +61,17 @@ CASES = [  # script, arguments ({} is the fixture folder), what the one line mus
     ("synth.py", "--src {}/repo --prompts {}/prompts.txt --out {}/s --steps -3", "--steps -3: must be at least 1"),
     ("synth.py", "--src {}/repo --prompts {}/missing.txt --out {}/s", "cannot read it"),
     ("synth.py", "--src {}/repo --prompts {}/empty.txt --out {}/s", "holds no prompt"),
+    # the Z-Image repo's 3-layer Qwen3 cannot make FLUX.2's features (hidden states 9, 18, 27)
+    ("sample.py", "--ckpt {}/klein_init.safetensors --text-encoder {}/repo --prompt x", "checkpoint's source repo"),
+    ("train.py", "--init {}/klein_init.safetensors --data {}/data --out {}/run --text-encoder {}/repo",
+     "checkpoint's source repo"),
+    ("sample.py", "--ckpt {}/init.safetensors --text-encoder {}/repo --prompt x --cfg nan",
+     "--cfg nan: must be finite"),
+    ("sample.py", "--ckpt {}/init.safetensors --text-encoder {}/repo --prompt x --seed -1", "--seed must be at least"),
+    ("train.py", "--init {}/init.safetensors --data {}/data --out {}/run --lr nan", "--lr nan: must be finite"),
+    ("synth.py", "--src {}/repo --prompts {}/prompts.txt --out {}/s --shift inf", "--shift inf: must be finite"),
+    ("synth.py", "--src {}/repo --prompts {}/prompts.txt --out {}/s --cfg 0.5", "--cfg 0.5: must be at least 1"),
+    ("convert.py", "--src {}/repo --out {}/o.safetensors --head-lr nan", "--head-lr nan: must be finite"),
 ]
 
 

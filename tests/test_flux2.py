@@ -241,13 +241,13 @@ def test_wrong_files_name_the_layout_seen(ref, tmp_path):
     ref.save_pretrained(tmp_path / "transformer")
     with pytest.raises(model.CheckpointError, match="describes a Flux2Transformer2DModel, not FLUX.2's "
                                                     "AutoencoderKLFlux2"):
-        flux2.load_flux2_vae(tmp_path / "transformer")
+        flux2.load_vae(tmp_path / "transformer", family="flux2")
     save_tiny_vae(tmp_path / "flux1_vae")
     with pytest.raises(model.CheckpointError, match="describes a AutoencoderKL, not FLUX.2's"):
-        flux2.load_flux2_vae(tmp_path / "flux1_vae")
+        flux2.load_vae(tmp_path / "flux1_vae", family="flux2")
     with pytest.raises(model.CheckpointError, match=r"single file, diffusers names\) has no bn.running_mean: it "
                                                     "looks like a FLUX.1 / Z-Image VAE"):
-        flux2.load_flux2_vae(tmp_path / "flux1_vae" / "diffusion_pytorch_model.safetensors")
+        flux2.load_vae(tmp_path / "flux1_vae" / "diffusion_pytorch_model.safetensors", family="flux2")
 
     state = to_bfl(ref.state_dict())
     del state["single_blocks.1.linear2.weight"]
@@ -323,7 +323,7 @@ def test_bfl_vae_writer_round_trips_through_diffusers_ldm_converter(tiny_vae):
 def test_vae_matches_diffusers(tiny_vae, layout):
     config = None if "safetensors" not in layout else flux2.Flux2VAEConfig(
         latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
-    vae = flux2.load_flux2_vae(tiny_vae["paths"][layout], config=config)
+    vae = flux2.load_vae(tiny_vae["paths"][layout], config=config, family="flux2")
     assert vae.cfg.latent_channels == 4 and vae.cfg.block_out_channels == (8, 16) and vae.downscale == 4
     assert vae.bn.num_batches_tracked.item() == 0  # not read
     with torch.no_grad():
@@ -451,7 +451,7 @@ def klein_repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def klein_ours(klein_repo):
     set_distilled(klein_repo, True)
-    return (flux2.load_model(klein_repo, dtype=torch.float32), flux2.load_flux2_vae(klein_repo),
+    return (flux2.load_model(klein_repo, dtype=torch.float32), flux2.load_vae(klein_repo),
             flux2.load_text_encoder(klein_repo, dtype=torch.float32, layers=(1, 2, 3)))
 
 
@@ -553,7 +553,7 @@ def test_synth_and_sample_take_a_flux2_source(klein_base_repo, tmp_path):
                 "--width", str(W), "--height", str(H), "--steps", "2"])
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     settings = flux2.source_sampler_settings(klein_base_repo, H, W, steps=2)
-    assert (rows[0]["cfg"], rows[0]["shift"]) == (3.0, settings["shift"])  # FLUX.2's guidance 4.0 = 1 + w
+    assert (rows[0]["guidance"], rows[0]["shift"]) == (4.0, settings["shift"])  # klein-base's guidance 4.0
     text = model.load_text_encoder(klein_base_repo, dtype=torch.float32)
     dit, vae = model.load_model(klein_base_repo, dtype=torch.float32), model.load_vae(klein_base_repo)
     neg = model.read_caption_features(model.caption_features_path(out / "features", ""))

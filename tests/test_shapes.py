@@ -43,6 +43,12 @@ def test_every_stage_runs_from_the_shipped_source_and_the_l2p_loss_falls(tmp_pat
     report = (tmp_path / "results.md").read_text()
     assert "| overall |" in report and "| lift | 0 |" in report
 
+    longer = shapes.main(["--runs", str(tmp_path), "--real-data", "--steps", "36"], plan=TINY)  # the curve goes on
+    assert [p["step"] for p in longer["curve"]] == [0, 12, 24, 36]
+    assert longer["curve"][:3] == saved["curve"]  # the points already scored are kept, not redone
+    log = (tmp_path / "run_l2p-lift" / "log.jsonl").read_text().splitlines()
+    assert max(json.loads(line).get("step") or 0 for line in log) == 36
+
 
 def test_an_altered_or_missing_source_is_refused(tmp_path):
     source = tmp_path / "toy-source"

@@ -104,14 +104,14 @@ def test_layout_metadata_and_png_chunks(clean):
     for n, row in enumerate(rows):
         i, j = divmod(n, SEEDS)
         assert row == dict(file_name=f"images/{i:06d}_s{j}.png", prompt=PROMPTS[i], seed=i * SEEDS + j,
-                           source="Z-Image-Turbo", steps=STEPS, cfg=0.0, shift=3.0, width=RES, height=RES,
+                           source="Z-Image-Turbo", steps=STEPS, guidance=1.0, shift=3.0, width=RES, height=RES,
                            features=f"features/{features_file(out, PROMPTS[i]).name}")
         with Image.open(out / row["file_name"]) as image:
             assert image.mode == "RGB" and image.size == (RES, RES)
             assert image.text["prompt"] == PROMPTS[i] and image.text["seed"] == str(row["seed"])
             assert image.text["steps"] == str(STEPS) and image.text["source"] == "Z-Image-Turbo"
     config = json.loads((out / "synth_config.json").read_text())
-    assert config["steps"] == STEPS and config["cfg"] == 0.0 and config["dtype"] == "fp32"
+    assert config["steps"] == STEPS and config["guidance"] == 1.0 and config["dtype"] == "fp32"
     with Image.open(out / "grid.png") as grid:
         assert grid.size == (RES * 6, RES)  # 6 thumbnails in one row of up to 8
     assert not temp_files(out)
@@ -213,10 +213,10 @@ def test_two_processes_split_the_corpus(repo, prompts_file, clean, tmp_path):
 
 
 def test_source_presets_follow_the_scheduler_shift(repo, base_repo, prompts_file):
-    for src, steps, cfg, shift in ((repo, 8, 0.0, 3.0), (base_repo, 50, 4.0, 6.0)):
+    for src, steps, guidance, shift in ((repo, 8, 1.0, 3.0), (base_repo, 50, 5.0, 6.0)):
         args = synth.parse_args(["--src", str(src), "--prompts", str(prompts_file), "--out", "unused"])
         settings, prompts, _ = synth.resolve_settings(args, torch.device("cpu"))
-        assert (settings["steps"], settings["cfg"], settings["shift"]) == (steps, cfg, shift)
+        assert (settings["steps"], settings["guidance"], settings["shift"]) == (steps, guidance, shift)
         assert settings["dtype"] == "fp32" and prompts == PROMPTS
 
 
@@ -226,9 +226,9 @@ def test_base_model_cfg_uses_the_empty_negative_prompt(base_repo, reference, tmp
     prompts.write_text(PROMPTS[2])
     out = tmp_path / "base"
     synth.main(["--src", str(base_repo), "--prompts", str(prompts), "--out", str(out), "--seeds", "1", "--res", "48",
-                "--steps", str(STEPS), "--seed", "7"])  # CFG w = 4 from the base preset
+                "--steps", str(STEPS), "--seed", "7"])  # CFG c = 5 from the base preset (Z-Image's w = 4)
     row = json.loads((out / "metadata.jsonl").read_text())
-    assert (row["cfg"], row["shift"], row["seed"], row["source"]) == (4.0, 6.0, 7, "Z-Image")
+    assert (row["guidance"], row["shift"], row["seed"], row["source"]) == (5.0, 6.0, 7, "Z-Image")
     cap, mask = text.encode([PROMPTS[2]])
     neg, neg_mask = text.encode([""])
     neg = neg[0, neg_mask[0]].to(torch.bfloat16)
