@@ -319,12 +319,13 @@ class ZImageDiT(nn.Module):
         """The source's final layer: last-layer tokens [B, N, dim] -> latent v = eps - x0 per token."""
         return self.v_sign * next(iter(self.all_final_layer.values()))(hidden, adaln)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor, cap_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor, cap_mask: torch.Tensor,
+                span_detail: bool = False) -> torch.Tensor:
         """x [B, C, H, W] (latent, or pixels for L2P), sigma [B] (1 = noise), cap [B, L, cap_feat_dim],
-        cap_mask [B, L] bool -> v = eps - x0 [B, C, H, W] fp32."""
+        cap_mask [B, L] bool -> v = eps - x0 [B, C, H, W] fp32. span_detail: see pixel_velocity."""
         p, (B, C, H, W) = check_input(self, x), x.shape
         if self.cfg.pixel_head:
-            return pixel_velocity(self, x, sigma, cap, cap_mask)
+            return pixel_velocity(self, x, sigma, cap, cap_mask, span_detail)
         hidden, adaln = self.transformer(patchify(x, p), (H // p, W // p), sigma, cap, cap_mask)
         return unpatchify(self.latent_output(hidden, adaln), p, H, W).float()
 
@@ -598,12 +599,13 @@ class Flux2DiT(nn.Module):
         return self.proj_out(self.norm_out(hidden, temb))
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor,
-                cap_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cap_mask: torch.Tensor | None = None, span_detail: bool = False) -> torch.Tensor:
         """x [B, in_channels, H, W]: the packed latent, or pixels for L2P; sigma [B], cap [B, L, joint_attention_dim]
-        (L = 512 for the source's features), cap_mask unused -> v = eps - x0 [B, in_channels, H, W] fp32."""
+        (L = 512 for the source's features), cap_mask unused -> v = eps - x0 [B, in_channels, H, W] fp32.
+        span_detail: see pixel_velocity."""
         p, (B, C, H, W) = check_input(self, x), x.shape
         if self.cfg.pixel_head:
-            return pixel_velocity(self, x, sigma, cap, cap_mask)
+            return pixel_velocity(self, x, sigma, cap, cap_mask, span_detail)
         hidden, temb = self.transformer(patchify(x, p), (H // p, W // p), sigma, cap, cap_mask)
         return unpatchify(self.latent_output(hidden, temb), 1, H, W).float()
 
@@ -715,6 +717,11 @@ class PixelLift(nn.Module):
     def to_pixels(self, latent: torch.Tensor) -> torch.Tensor:  # [B, N, d] -> [B, N, p*p*3]
         return self.scale.float() * (latent.float() @ self.basis.float())
 
+    def in_subspace(self, image: torch.Tensor, p: int) -> torch.Tensor:
+        """The part of image [B, 3, H, W] (fp32) that the DiT reads: each p x p patch projected onto the basis."""
+        basis = self.basis.float()
+        return unpatchify(patchify(image.float(), p) @ basis.T @ basis, p, *image.shape[2:])
+
 
 def head_channels(cfg: "ZImageConfig | Flux2Config") -> int:
     """The Detailer Head's input channels: the noisy image, the lifted prediction (head_lift), sigma (head_sigma)."""
@@ -739,13 +746,16 @@ def check_input(net: "ZImageDiT | Flux2DiT", x: torch.Tensor) -> int:
 
 
 def pixel_velocity(net: "ZImageDiT | Flux2DiT", x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor,
-                   cap_mask: torch.Tensor) -> torch.Tensor:
+                   cap_mask: torch.Tensor, span_detail: bool = False) -> torch.Tensor:
     """The L2P pixel model's forward, both families: x [B, 3, H, W] noisy pixels -> v = eps - x0, fp32.
 
     The DiT's raw last-layer image tokens, as a [B, dim, H/p, W/p] map, and the noisy image (+ sigma, + the lifted
     prediction) go into the Detailer Head. The paper's head predicts v; with x-prediction it predicts x0; the lifted
     model adds the head's output to the source's own prediction lifted to pixels (PixelLift), so a zero head is the
-    source.
+    source. The part of the head's output inside the span the DiT reads (the lift's basis) waits for sigma = 0, the
+    last call of model.sample: added earlier, it would enter the sampler's state, and the DiT would read a real
+    image's projection instead of the latent it predicted. span_detail=True adds it at every sigma: train.py scores
+    the whole decode, so that part keeps learning.
     """
     cfg, p, (B, _, H, W) = net.cfg, net.cfg.patch_size, x.shape
     sigma = sigma.to(device=x.device, dtype=torch.float32).expand(B)
@@ -760,7 +770,10 @@ def pixel_velocity(net: "ZImageDiT | Flux2DiT", x: torch.Tensor, sigma: torch.Te
     out = net.local_decoder(head_in.to(hidden.dtype), hidden.transpose(1, 2).unflatten(2, (H // p, W // p))).float()
     if not cfg.x_prediction:
         return net.v_sign * out
-    out = out if lifted is None else out + lifted
+    if lifted is not None:
+        out = lifted + out
+        if not span_detail:  # see the docstring
+            out = out - (sigma > 0).view(B, 1, 1, 1) * net.lift.in_subspace(out - lifted, p)
     return (x.float() - out) / sigma.clamp_min(X0_MIN_SIGMA).view(B, 1, 1, 1)
 
 
@@ -2001,7 +2014,8 @@ def sample(model: nn.Module, noise: torch.Tensor, cap: torch.Tensor, cap_mask: t
 
     Classifier-free guidance is v = v_neg + guidance * (v_pos - v_neg): 1 = off. Z-Image writes its CFG as
     pos + w * (pos - neg), which is guidance = 1 + w. cfg_batch runs both branches as one batch of 2B;
-    False runs two passes (less memory).
+    False runs two passes (less memory). A lifted pixel model (cfg.lift_dim) gets one more call, at sigma = 0 on the
+    final state: its x0 there, the only one with the head's detail inside the lift's subspace (pixel_velocity).
     """
     guided = guidance != 1.0
     if guided and neg_cap is None:
@@ -2012,22 +2026,24 @@ def sample(model: nn.Module, noise: torch.Tensor, cap: torch.Tensor, cap_mask: t
     sigmas = shifted_sigmas(steps, shift).to(x.device)
     if guided and cfg_batch:
         both_cap, both_mask = cat_captions([cap, neg_cap], [cap_mask, neg_mask])
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if not guided:
+            return model(x.to(dtype), sigma, cap, cap_mask).float()
+        if cfg_batch:
+            v_pos, v_neg = model(x.to(dtype).repeat(2, 1, 1, 1), sigma.repeat(2), both_cap, both_mask).chunk(2)
+        else:
+            v_pos, v_neg = model(x.to(dtype), sigma, cap, cap_mask), model(x.to(dtype), sigma, neg_cap, neg_mask)
+        return (v_neg + guidance * (v_pos - v_neg)).float()
+
     steps_iter = range(steps)
     if progress:
         from tqdm import tqdm
         steps_iter = tqdm(steps_iter, desc="sampling", unit="step")
     for i in steps_iter:
-        sigma = sigmas[i].expand(B)
-        if not guided:
-            v = model(x.to(dtype), sigma, cap, cap_mask)
-        elif cfg_batch:
-            v_pos, v_neg = model(x.to(dtype).repeat(2, 1, 1, 1), sigma.repeat(2), both_cap, both_mask).chunk(2)
-            v = v_neg + guidance * (v_pos - v_neg)
-        else:
-            v_pos = model(x.to(dtype), sigma, cap, cap_mask)
-            v_neg = model(x.to(dtype), sigma, neg_cap, neg_mask)
-            v = v_neg + guidance * (v_pos - v_neg)
-        x = x + (sigmas[i + 1] - sigmas[i]) * v.float()
+        x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i].expand(B))
+    if getattr(getattr(model, "cfg", None), "lift_dim", 0):
+        x = x - X0_MIN_SIGMA * velocity(x, sigmas[-1].expand(B))  # at sigma 0 its v is (x - x0) / X0_MIN_SIGMA
     return x
 
 

@@ -214,7 +214,7 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
             s = sigma.view(-1, 1, 1, 1)
             with ddp.no_sync() if ddp and i < n_micro - 1 else contextlib.nullcontext():
                 x_sigma = (1 - s) * x0 + s * eps
-                v = (ddp or net)(x_sigma.to(dtype), sigma, cap, cap_mask)
+                v = (ddp or net)(x_sigma.to(dtype), sigma, cap, cap_mask, span_detail=True)
                 loss_weight = sigma.clamp_min(model.X0_MIN_SIGMA) ** 2 if args.loss == "x0" else 1
                 per_sample = (v.float() - (eps - x0)).square().mean(dim=(1, 2, 3)) * loss_weight * weight
                 # the mean over the global batch's readable images (DDP averages the ranks' gradients)

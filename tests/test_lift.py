@@ -126,9 +126,10 @@ def test_lifted_zimage_at_step_0_is_the_source_in_closed_form(zimage_repo, tmp_p
     merged = model.load_model(tmp_path / "merged.safetensors", dtype=torch.float32)
     assert merged.cfg == net.cfg and merged.lift.basis.dtype == torch.float32
     assert torch.equal(merged.lift.basis, net.lift.basis)
-    # guards the test: a head that is not zero moves v away from the source's
+    # guards the test: a head that is not zero moves v away from the source's (while sigma > 0, by the part of its
+    # output outside the basis's span: a constant colour would be mostly inside)
     with torch.no_grad():
-        net.local_decoder.out_conv.bias.fill_(0.01)
+        net.local_decoder.out_conv.weight.normal_(std=0.1, generator=g)
         assert rel(net(x, sigma, cap, mask), reference) > 1e-3
 
 
@@ -182,18 +183,34 @@ def test_head_steps_teach_the_head_to_decode_the_lifted_latents(zimage_repo, tmp
                 errors[steps] += (lifted + head - x0).square().mean().item()
     assert errors[60] < 0.8 * errors[0]
     # the DiT's tokens do not reach the head yet (their bottleneck weights are zero): the converted model is the
-    # lifted source plus the head on a zero token map
+    # lifted source plus the head on a zero token map, the head's part inside the basis's span withheld while
+    # sigma > 0 (the DiT reads that span) and added at sigma = 0
     x, cap = torch.randn(2, 3, 32, 48, generator=g), torch.randn(2, 7, 24, generator=g)
     mask = torch.ones(2, 7, dtype=torch.bool)
-    sigma = torch.tensor([0.9, 0.3])
+    basis = net.lift.basis.double()
+    source = model.load_model(zimage_repo, dtype=torch.float32)
+    for sigma in (torch.tensor([0.9, 0.3]), torch.tensor([0.0, 0.0])):
+        with torch.no_grad():
+            v_source = closed_form_lift(source, net.lift.basis, net.lift.scale, x, sigma, cap, mask, 2, 16)
+            clamped = sigma.double().clamp_min(model.X0_MIN_SIGMA).view(-1, 1, 1, 1)
+            lifted_x0 = x.double() - clamped * v_source
+            head = net.local_decoder(model.head_input(x, lifted_x0.float(), sigma), torch.zeros(2, net.cfg.dim, 2, 3))
+            head = head.double()
+            in_span = model.unpatchify(model.patchify(head, 16) @ basis.T @ basis, 16, 32, 48)
+            detail = head - in_span if sigma.max() > 0 else head
+            reference = (x.double() - lifted_x0 - detail) / clamped
+            assert rel(net(x, sigma, cap, mask), reference) < 1e-5
+            assert rel(in_span, torch.zeros_like(in_span)) > 0.1  # the taught head does reach into the span
+    # the sampler's last call, at sigma = 0 on the final state, is the only one with that part
+    noise = model.noise_for_seeds([0, 1], (3, 32, 48))
     with torch.no_grad():
-        v_source = closed_form_lift(model.load_model(zimage_repo, dtype=torch.float32), net.lift.basis,
-                                    net.lift.scale, x, sigma, cap, mask, 2, 16)
-        lifted_x0 = x.double() - sigma.double().view(-1, 1, 1, 1) * v_source
-        head = net.local_decoder(model.head_input(x, lifted_x0.float(), sigma), torch.zeros(2, net.cfg.dim, 2, 3))
-        head = head.double()
-        reference = (x.double() - lifted_x0 - head) / sigma.double().view(-1, 1, 1, 1)
-        assert rel(net(x, sigma, cap, mask), reference) < 1e-5
+        sampled = model.sample(net, noise, cap, mask, 3, 3.0)
+        euler = noise.clone()
+        grid = model.shifted_sigmas(3, 3.0)
+        for i in range(3):
+            euler = euler + (grid[i + 1] - grid[i]) * net(euler, grid[i].expand(2), cap, mask)
+        finished = euler - model.X0_MIN_SIGMA * net(euler, torch.zeros(2), cap, mask)
+        assert rel(sampled, finished) < 1e-6 and rel(sampled, euler) > 1e-3
         net.local_decoder.bottleneck[0].weight[:, -net.cfg.dim:].fill_(0.01)  # guards the test: tokens reach the head
         assert rel(net(x, sigma, cap, mask), reference) > 1e-4
 

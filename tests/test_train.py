@@ -89,10 +89,10 @@ def record_sigmas(monkeypatch) -> list[float]:
     """Every sigma the network is called with (the training loop draws them; the samples use their own grid)."""
     seen, forward = [], model.ZImageDiT.forward
 
-    def recording(self, x, sigma, cap, cap_mask):
+    def recording(self, x, sigma, cap, cap_mask, **kwargs):
         if self.training:
             seen.extend(sigma.tolist())
-        return forward(self, x, sigma, cap, cap_mask)
+        return forward(self, x, sigma, cap, cap_mask, **kwargs)
 
     monkeypatch.setattr(model.ZImageDiT, "forward", recording)
     return seen
@@ -368,9 +368,9 @@ def test_a_corrupt_image_is_skipped_counted_and_reported(init, tmp_path, capsys)
 def test_nan_losses_stop_the_run_with_a_checkpoint(init, synth, tmp_path, monkeypatch):
     calls, forward = {"n": 0}, model.ZImageDiT.forward
 
-    def poisoned(self, *args):
+    def poisoned(self, *args, **kwargs):
         calls["n"] += self.training
-        v = forward(self, *args)
+        v = forward(self, *args, **kwargs)
         return v * float("nan") if self.training and calls["n"] > 2 else v
 
     monkeypatch.setattr(model.ZImageDiT, "forward", poisoned)
