@@ -1764,7 +1764,7 @@ def load_vae(path, device="cpu", dtype=torch.float32, config=None, family: str |
     family: 'zimage' or 'flux2'; by default a folder's config.json class, or a single file's bn statistics (FLUX.2's
     latent normalisation), tell them apart. config: by default the folder's config.json; a single file's
     architecture is read from its shapes (FLUX.1) or is FLUX.2's. bn.num_batches_tracked (a count of training
-    batches) is not read.
+    batches) is not read. device="meta" reads the headers alone (the architecture, no weights).
     """
     path = component_dir(path, "vae")
     if not (path.is_dir() or path.suffix == ".safetensors" and path.is_file()):
@@ -1782,7 +1782,7 @@ def load_vae(path, device="cpu", dtype=torch.float32, config=None, family: str |
     names = "BFL" if family == "flux2" and naming == "LDM" else naming
     layout = f"{'folder' if path.is_dir() else 'single file'}, {names} names"
     layout += f", prefix '{prefix}'" if prefix else ""
-    tensors = read_tensors(files, strip_prefix=prefix)
+    tensors = read_tensors(files, strip_prefix=prefix, meta=torch.device(device).type == "meta")
     if family == "flux2":
         if f"{prefix}bn.running_mean" not in shapes:
             raise CheckpointError(f"{path} ({layout}) has no bn.running_mean: it looks like {guess_component(shapes)}, "
