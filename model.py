@@ -717,6 +717,13 @@ class PixelLift(nn.Module):
     def to_pixels(self, latent: torch.Tensor) -> torch.Tensor:  # [B, N, d] -> [B, N, p*p*3]
         return self.scale.float() * (latent.float() @ self.basis.float())
 
+    def source_image(self, image: torch.Tensor, latent: torch.Tensor, p: int) -> torch.Tensor:
+        """image [B, 3, H, W] with its part inside the subspace replaced by the lifted latent tokens [B, N, d] (the
+        source VAE's encoding of image): the x0 that the lifted sampler's states move towards when the DiT predicts
+        that latent, so training on (1 - sigma) source_image + sigma eps matches what the sampler will feed."""
+        lifted = unpatchify(self.to_pixels(latent), p, *image.shape[2:])
+        return lifted + image.float() - self.in_subspace(image, p)
+
     def in_subspace(self, image: torch.Tensor, p: int) -> torch.Tensor:
         """The part of image [B, 3, H, W] (fp32) that the DiT reads: each p x p patch projected onto the basis."""
         basis = self.basis.float()

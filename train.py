@@ -11,7 +11,10 @@ x_sigma = (1 - sigma) x0 + sigma eps, plain fp32 MSE between v and eps - x0. Eve
 global position: any number of processes or micro-batches gives the same run, and --resume continues it exactly.
 An init converted from FLUX.2 [klein] trains the same way, on sigmas shifted as its sampler's (exp(mu), 7.56 at 1024^2).
 An init of convert.py's lift recipe (the converted model already samples the source's scenes) trains its Detailer Head
-alone on the x0 error (--trainable head --loss x0, its defaults); the other recipes train the shallow layers.
+alone on the x0 error (--trainable head --loss x0, its defaults), on the states its sampler holds: x0's part inside the
+lift's span replaced by the lifted latent of x0 through the source's VAE (--vae), then noised. Noising x0 itself feeds
+the DiT a projection it misreads, and training on that erodes the converted model. The other recipes train the
+shallow layers on the images noised.
 
 The network computes in --dtype (bf16 on CUDA, fp32 on the CPU); AdamW updates fp32 masters of the trained tensors
 (model.set_trainable's policy), copied back after each step. Gradients: in one process a post-accumulate-grad hook
@@ -84,9 +87,16 @@ def parse_args(argv=None):
     add("--trainable", choices=["shallow", "head"], help="shallow: the freeze policy above (the paper); head: only "
         "the Detailer Head trains, the whole DiT stays the source's (default: head for a lifted init, whose "
         "converted DiT already samples the source's scenes, else shallow)")
-    add("--loss", choices=["v", "x0"], help="v: plain MSE on v (the paper); x0: the same error weighted by "
-        "max(sigma, 0.05)^2, i.e. MSE on the predicted x0, so that high sigma, where the layout is decided, counts "
-        "as much as low sigma (default: x0 for an x-prediction init, else v)")
+    add("--loss", choices=["v", "x0"], help="v: plain MSE on v (the paper); x0: MSE on the predicted x0 = x_sigma - "
+        "max(sigma, 0.05) v (on noised images: the v error weighted by max(sigma, 0.05)^2), so that high sigma, where "
+        "the layout is decided, counts as much as low sigma (default: x0 for an x-prediction init, else v)")
+    add("--vae", help="the source's VAE (repo root, vae/ folder or file). A lifted init then trains on the states its "
+                      "sampler feeds: each image with its part inside the lift's subspace replaced by the lifted "
+                      "latent of its encoding, noised (model.PixelLift.source_image); required for a lifted init "
+                      "unless --states image")
+    add("--states", choices=["source", "image"], help="source: the sampler's states above (needs --vae, --loss x0); "
+        "image: the images noised, x_sigma = (1 - sigma) x0 + sigma eps (the paper). Default: source for a lifted "
+        "init, else image")
     add("--res", type=int, default=1024, help="resolution: shorter side resized, centre crop; a multiple of the patch")
     # precision and memory
     add("--dtype", choices=["bf16", "fp32"], help="weights the network computes with (default: bf16 on CUDA, fp32 "
@@ -128,7 +138,8 @@ def parse_args(argv=None):
     return args
 
 
-RUN_DEFINING = ("seed", "batch_size", "res", "shift", "train_blocks", "strict_freeze", "trainable", "loss", "dtype")
+RUN_DEFINING = ("seed", "batch_size", "res", "shift", "train_blocks", "strict_freeze", "trainable", "loss", "states",
+                "dtype")
 TRAIN_STEPS = 1000  # training sigmas: one of 1000 shifted steps, as the source was trained
 
 
@@ -154,6 +165,11 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
         raise SystemExit(f"--res {args.res} must be a multiple of the model's patch {cfg.patch_size}")
     args.trainable = args.trainable or ("head" if cfg.lift_dim else "shallow")
     args.loss = args.loss or ("x0" if cfg.x_prediction else "v")
+    args.states = args.states or ("source" if cfg.lift_dim else "image")
+    if args.states == "source" and not (cfg.lift_dim and args.vae and args.loss == "x0"):
+        raise SystemExit(f"--states source needs a lifted init (convert.py --recipe lift), --vae <the source's VAE> and "
+                         f"--loss x0; got {'a lifted' if cfg.lift_dim else 'an unlifted'} init, --vae {args.vae}, "
+                         f"--loss {args.loss}. Pass them, or --states image to noise the images themselves")
     if args.shift is None:  # train on the sigmas the sampler uses at this size
         tokens = (args.res // cfg.patch_size) ** 2
         flux2 = cfg.family == "flux2"
@@ -162,6 +178,8 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
     records = find_records(Path(args.data))
     negative, caption_tokens = prepare_features(records, args, cfg, device, rank, world)
     plan, micro, low_memory, zero = choose_plan(args, cfg, caption_tokens, world, device)
+    vae = model.load_vae(args.vae, device, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+                         family=cfg.family).eval() if args.states == "source" else None
     n_micro = args.batch_size // world // micro
     state, shards = load_train_state(out, args, records) if args.resume else (None, [])
     start, log = state["step"] if state else 0, Log(out, rank, state and state["step"])
@@ -212,11 +230,18 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
             eps = torch.stack([torch.randn(x0.shape[1:], device=device, generator=seeded(args.seed, "noise", p, device))
                                for p in mb["position"]])
             s = sigma.view(-1, 1, 1, 1)
+            start_image = x0
+            if vae is not None:
+                with torch.no_grad():
+                    start_image = net.lift.source_image(x0, model.latent_tokens(vae, x0.to(dtype)), cfg.patch_size)
             with ddp.no_sync() if ddp and i < n_micro - 1 else contextlib.nullcontext():
-                x_sigma = (1 - s) * x0 + s * eps
-                v = (ddp or net)(x_sigma.to(dtype), sigma, cap, cap_mask, span_detail=True)
-                loss_weight = sigma.clamp_min(model.X0_MIN_SIGMA) ** 2 if args.loss == "x0" else 1
-                per_sample = (v.float() - (eps - x0)).square().mean(dim=(1, 2, 3)) * loss_weight * weight
+                x_sigma = (1 - s) * start_image + s * eps
+                v = (ddp or net)(x_sigma.to(dtype), sigma, cap, cap_mask, span_detail=True).float()
+                if args.loss == "x0":  # the error of the predicted x0 = x_sigma - max(sigma, 0.05) v
+                    error = x_sigma - sigma.clamp_min(model.X0_MIN_SIGMA).view(-1, 1, 1, 1) * v - x0
+                else:
+                    error = v - (eps - x0)
+                per_sample = error.square().mean(dim=(1, 2, 3)) * weight
                 # the mean over the global batch's readable images (DDP averages the ranks' gradients)
                 (per_sample.sum() * world / max(valid, 1)).backward()
             loss_sum += per_sample.sum().detach()

@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -155,10 +156,11 @@ def validation_metrics(ckpt: Path, images: torch.Tensor, cap: torch.Tensor, cap_
     return float(torch.stack(losses).mean()), float((v - v_empty).norm() / v.norm().clamp_min(1e-12)), x0_loss
 
 
-def recipe_flags(plan: Plan, recipe: str) -> list:
-    """train.py's optimiser flags for a recipe (the rest follows the init: train.py's defaults)."""
+def recipe_flags(plan: Plan, recipe: str, source: Path) -> list:
+    """train.py's flags for a recipe (the rest follows the init: train.py's defaults); a lifted init trains on its
+    sampler's states, which need the source's VAE."""
     if recipe == "lift":
-        return ["--lr", plan.lift_lr]
+        return ["--lr", plan.lift_lr, "--vae", source]
     return ["--lr", plan.pixel_lr, "--head-lr-fan-in", plan.head_lr_fan_in]
 
 
@@ -305,6 +307,9 @@ def parse_args(argv=None):
                         help="convert.py's recipe for L2P (scratch keeps its own). Runs of several recipes in one "
                              "--runs folder share the source, corpus and scratch stages, and the report gains an "
                              "ablation table of every recipe found there")
+    parser.add_argument("--train-flags", default="", help="more train.py flags for L2P, after the recipe's (e.g. "
+                        "\"--trainable shallow --lr 1e-4\"): an ablation; name its curve with --name")
+    parser.add_argument("--name", help="the L2P curve's name in the report and the cache (default: the recipe)")
     parser.add_argument("--steps", type=int,
                         help="train L2P and scratch this many steps instead of the plan's (quick 600, full 4,000): "
                              "their curves continue from a shorter run in the same --runs folder, and a killed run "
@@ -437,13 +442,13 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
     if not scratch_init.exists():
         random_pixel_init(scratch_init, args.seed)
     scratch_flags = ["--lr", plan.pixel_lr, "--head-lr-fan-in", plan.head_lr_fan_in]
-    runs = [("l2p", f"l2p-{recipe}", init, corpus, plan.train_blocks, recipe_flags(plan, recipe)),
+    l2p_flags, name = recipe_flags(plan, recipe, source) + shlex.split(args.train_flags), args.name or recipe
+    runs = [("l2p", f"l2p-{name}", init, corpus, plan.train_blocks, l2p_flags),
             ("scratch", "scratch", scratch_init, corpus, TOY_DIT.n_layers // 2, scratch_flags)]
     if args.real_data:
         stage("ground-truth corpus", lambda: real_data_corpus(corpus, out / "corpus_real", plan, args.seed),
               out / "corpus_real" / "metadata.jsonl")
-        runs.append(("l2p_real", f"l2p_real-{recipe}", init, out / "corpus_real", plan.train_blocks,
-                     recipe_flags(plan, recipe)))
+        runs.append(("l2p_real", f"l2p_real-{name}", init, out / "corpus_real", plan.train_blocks, l2p_flags))
 
     text = model.load_text_encoder(source, dtype=torch.float32)
     val_cap, val_mask = text.encode([s.caption for s in sampled_scenes])
@@ -464,7 +469,7 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
                                         log_file, device, curve_file)
         if len(json.loads(curve_file.read_text())) > points_before:
             key = f"train.py + sample.py: {tag}"
-            seconds[key] = seconds.get(key, 0) + time.time() - begin
+            seconds[key] = (seconds.get(key, 0) if points_before else 0) + time.time() - begin
             write_json(seconds_file, seconds)
         scores[name] = curves[name][-1]["score"]
         pixel_images[name] = read_samples(out / f"samples_{tag}_step{curves[name][-1]['step']}")

@@ -110,6 +110,45 @@ def test_training_sigmas_are_the_shift_3_grid_and_follow_the_sample_position(ini
     assert seen == first
 
 
+def test_a_lifted_init_trains_on_its_samplers_states_with_the_x0_error(repo, synth, tmp_path, monkeypatch):
+    init = tmp_path / "lift.safetensors"
+    convert.main(["--src", str(repo), "--out", str(init), "--align-data", str(synth), "--head-steps", "3",
+                  "--head-width", "16"])
+    with pytest.raises(SystemExit, match="--states source needs .* --vae"):
+        run(init, synth, tmp_path / "no-vae", "--max-steps", "1")
+    calls, forward = [], model.ZImageDiT.forward
+
+    def recording(self, x, sigma, cap, cap_mask, **kwargs):
+        v = forward(self, x, sigma, cap, cap_mask, **kwargs)
+        if self.training:
+            calls.append((x.detach().clone(), sigma.clone(), v.detach().clone(), kwargs))
+        return v
+
+    monkeypatch.setattr(model.ZImageDiT, "forward", recording)
+    out = tmp_path / "run"
+    run(init, synth, out, "--max-steps", "1", "--vae", str(repo), "--micro-batch", "4")
+    (x, sigma, v, kwargs), = calls
+    assert kwargs == {"span_detail": True}
+    # the state written out: each image's part in the lift's span replaced by s basis^T (its VAE latent tokens)
+    records = train.find_records(synth)
+    order = list(train.sample_order(len(records), 4, 0, 1, 0, 0, 1))
+    x0 = torch.stack([train.load_image(records[i], 32) for i, _ in order])
+    eps = torch.stack([torch.randn(3, 32, 32, generator=train.seeded(0, "noise", p)) for _, p in order])
+    net, vae = model.load_model(init, dtype=torch.float32), model.load_vae(repo)
+    basis, scale = net.lift.basis.double(), net.lift.scale.double()
+    with torch.no_grad():
+        tokens = model.patchify(vae.encode(x0), 2).double()  # [B, 4, 64]: 2 x 2 latent pixels x 16 channels
+    patches = model.patchify(x0.double(), 16)
+    start = model.unpatchify(scale * tokens @ basis + patches - patches @ basis.T @ basis, 16, 32, 32)
+    s = sigma.double().view(-1, 1, 1, 1)
+    expected = (1 - s) * start + s * eps.double()
+    assert ((x.double() - expected).norm() / expected.norm()).item() < 1e-5
+    assert ((x.double() - ((1 - s) * x0 + s * eps)).norm() / expected.norm()).item() > 1e-2  # not the image noised
+    # the logged loss: the error of the predicted x0 = x - max(sigma, 0.05) v against the image itself
+    x0_error = (x.double() - s.clamp_min(model.X0_MIN_SIGMA) * v.double() - x0).square().mean().item()
+    assert losses(out)[1] == pytest.approx(x0_error, rel=1e-5)
+
+
 def test_loss_falls_frozen_tensors_stay_bit_identical_and_samples_are_written(init, synth, tmp_path):
     out = tmp_path / "run"
     run(init, synth, out, "--max-steps", "24", "--lr", "1e-3", "--sample-every", "12", "--sample-steps", "2",
