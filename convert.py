@@ -69,7 +69,7 @@ def parse_args(argv=None):
                         help="--recipe lift: steps that teach the Detailer Head to turn the lifted latent of each "
                              "--align-data image into the image (the VAE decoder's job; no DiT pass) before any "
                              "training (default 2000; 0: the head starts at zero, the converted model is the source)")
-    parser.add_argument("--head-lr", type=float, default=3e-3, help="AdamW learning rate of those steps")
+    parser.add_argument("--head-lr", type=float, default=1e-3, help="AdamW learning rate of those steps")
     parser.add_argument("--head-batch", type=int, default=16, help="crops per step of those steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new patch embedder and head")
     parser.add_argument("--tail-modulation", type=int, default=0, metavar="N",
