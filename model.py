@@ -6,19 +6,21 @@ x_sigma = (1 - sigma) * x0 + sigma * eps; every model's forward takes sigma and 
 Published formats are converted at their boundary (loading), nowhere else.
 
 Sections
-  1. Blocks         RoPE (any number of axes), attention (q/k RMSNorm, SDPA), SwiGLU, the (modulated) Z-Image block
+  1. Blocks         RoPE (any number of axes), attention (q/k RMSNorm, SDPA), SwiGLU, the (modulated) Z-Image block,
+                    compile_blocks
   2. Z-Image DiT    ZImageConfig, ZImageDiT: forward(x, sigma, cap, cap_mask) -> v (latent, or L2P pixels)
   3. FLUX.2 DiT     Flux2Config, Flux2DiT (klein 4B MMDiT: double- then single-stream blocks): the same forward
   4. L2P head       DetailerHead, PixelLift and fit_lift (the latent-aligned conversion), pixel_velocity (the pixel
-                    model's forward, both families), l2p_config (latent config + recipe -> pixel config),
-                    set_trainable (the freeze policy)
+                    model's forward, both families), l2p_config (latent config + recipe -> pixel config; l2p_fields
+                    reads the recipe back from a checkpoint's shapes), set_trainable (the freeze policy)
   5. VAEs           FluxVAE (FLUX.1, Z-Image's) and Flux2VAE: encode(img) -> normalised latent, decode(latent) -> img
   6. Text encoder   TextEncoder: Qwen3 through transformers, encode(prompts) -> (cap, cap_mask), Z-Image's recipe or
-                    FLUX.2's
-  7. Loading        safetensors read / streaming write, layout detection, meta-device init + assign:
-                    load_model (Z-Image, L2P, FLUX.2; every published layout), load_vae, load_text_encoder
+                    FLUX.2's; load_text_encoder (repo root, folder or single file)
+  7. Loading        safetensors reads, the published layouts renamed to ours, meta-device init + assign:
+                    open_checkpoint / load_model (Z-Image, L2P, FLUX.2; every published layout), load_vae
   8. Sampling       shifted sigma grid, per-seed noise, Euler sampler with CFG, generate, the sources' presets
-  9. I/O            atomic writes, PNG and grids, the caption-feature cache, processes (torchrun), peak memory
+  9. I/O            atomic writes (write_safetensors streams), PNG and grids, the caption-feature cache, processes
+                    (torchrun), peak memory
  10. Memory plan    train.py's bytes per process by mode (standard, low memory, ZeRO) and the mode that fits
 """
 
@@ -137,6 +139,15 @@ class DiTBlock(nn.Module):
         x = x + gate_msa.tanh() * self.attention_norm2(self.attention(self.attention_norm1(x) * (1 + scale_msa), rope,
                                                                       key_mask))
         return x + gate_mlp.tanh() * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp)))
+
+
+def compile_blocks(net: nn.Module) -> nn.Module:
+    """torch.compile every transformer block in place (norms, modulation, RoPE and the MLP fused by the compiler);
+    embedders, the head and the sampler stay eager. The first call of each new shape compiles."""
+    for module in net.modules():
+        if isinstance(module, (DiTBlock, DoubleStreamBlock, SingleStreamBlock)):
+            module.compile()
+    return net
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -844,6 +855,15 @@ def l2p_config(source: "ZImageConfig | Flux2Config", patch_size: int = 16, head_
                    head_lift=head_lift)
 
 
+def l2p_fields(shapes: dict[str, tuple[int, ...]], patch_size: int, recipe: str | None) -> dict:
+    """The pixel model's recipe fields (config) from its shapes and the recipe its metadata records (none: the
+    paper's, as in the released files); a lifted model predicts x0 whatever its metadata says."""
+    first_conv = f"local_decoder.enc{DETAILER_LEVELS[-int(math.log2(patch_size))][0]}.0.weight"
+    lift_dim, inputs = shapes.get("lift.basis", (0,))[0], shapes[first_conv][1]  # 3 (+ 3 lifted) (+ 1 sigma)
+    return dict(head_width=shapes["local_decoder.enc1.0.weight"][0], head_sigma=inputs % 3 == 1,
+                head_lift=inputs >= 6, lift_dim=lift_dim, x_prediction=bool(lift_dim) or recipe == "x0")
+
+
 def new_model(cfg: "ZImageConfig | Flux2Config") -> "ZImageDiT | Flux2DiT":
     return {"zimage": ZImageDiT, "flux2": Flux2DiT}[cfg.family](cfg)
 
@@ -1188,659 +1208,6 @@ class TextEncoder:
         self.model = None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 7. Loading (shared utilities; the per-model loaders sit at the end of this section)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is not what the caller asked for: says what was seen and what to do."""
-
-
-def safetensors_files(folder: Path) -> list[Path]:
-    """The shards of a component folder: those named by a *.safetensors.index.json, else every *.safetensors."""
-    folder = Path(folder)
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise CheckpointError(f"{indexes[0]} names shards that are not there: {missing[:3]}; "
-                                  "download the whole folder again")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no *.safetensors file in {folder}")
-    return files
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
-@contextmanager
-def open_safetensors(file: Path):
-    """safetensors' own reader, with a file that is missing, truncated or not safetensors as a CheckpointError."""
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            yield f
-    except FileNotFoundError:
-        raise CheckpointError(f"{file} does not exist") from None
-    except SafetensorError as e:
-        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); download or write it again") from None
-
-
-def safetensors_metadata(file: Path) -> dict[str, str]:
-    with open_safetensors(file) as f:
-        return f.metadata() or {}
-
-
-def safetensors_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of every tensor in the files, from the headers alone."""
-    shapes = {}
-    for file in files:
-        with open_safetensors(file) as f:
-            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-    return shapes
-
-
-def header_sha256(file: Path) -> str:
-    """A fingerprint of a .safetensors file read from its header alone (names, dtypes, shapes, offsets, metadata)."""
-    with open(file, "rb") as f:
-        return hashlib.sha256(f.read(8 + int.from_bytes(f.read(8), "little"))).hexdigest()
-
-
-def read_tensors(files: Iterable[Path], strip_prefix: str = "", meta: bool = False
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (key, tensor) one at a time, memory-mapped (copy what you keep); meta=True reads headers only.
-
-    Each tensor gets a mapping of its own, closed once the caller moves on, so the pages of tensors already consumed
-    leave the resident set: a checkpoint streams into a bf16 model without a second copy in memory.
-    """
-    for file in files:
-        with open_safetensors(file) as f:
-            specs = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
-        for key, (dtype, shape) in specs.items():
-            if meta:
-                yield key.removeprefix(strip_prefix), torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype], device="meta")
-                continue
-            with open_safetensors(file) as f:
-                tensor = f.get_tensor(key)
-            yield key.removeprefix(strip_prefix), tensor
-
-
-def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None,
-                      specs: dict[str, torch.Tensor] | None = None) -> None:
-    """Write a .safetensors file atomically (temp file + rename), streaming: one tensor in memory at a time.
-
-    The header comes first in the format, so a streamed write needs `specs` (key -> a meta tensor with the dtype
-    and shape, in the order `tensors` will yield them); without specs, `tensors` is a dict and is its own spec.
-    """
-    if specs is None:
-        tensors = dict(tensors)
-        specs = tensors
-        tensors = tensors.items()
-    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    header, offset = {"__metadata__": dict(metadata or {})}, 0
-    for key, spec in specs.items():
-        size = spec.numel() * spec.element_size()
-        header[key] = {"dtype": names[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)
-
-    def write(f):
-        f.write(len(header_bytes).to_bytes(8, "little"))
-        f.write(header_bytes)
-        order = iter(specs.items())
-        for key, tensor in tensors:
-            expected_key, spec = next(order, (None, None))
-            if key != expected_key or tensor.dtype != spec.dtype or tensor.shape != spec.shape:
-                raise ValueError(f"tensor {key} {tensor.dtype} {tuple(tensor.shape)} does not follow the header "
-                                 f"({expected_key})")
-            f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
-        if next(order, None) is not None:
-            raise ValueError(f"{path}: fewer tensors than the header announced")
-
-    atomic_write(path, write)
-
-
-def assign_weights(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], layout: str,
-                   device="cpu", dtype: torch.dtype | None = torch.float32) -> nn.Module:
-    """Fill a module built on the meta device with checkpoint tensors, each cast and moved as it streams in.
-
-    Peak memory is the finished model plus one tensor: nothing is initialised and then overwritten, and every tensor
-    is copied once (cast, moved, or cloned out of its file mapping, so the model never depends on the file). Float
-    tensors are cast to `dtype` (checkpoints may mix F32 and bf16); dtype=None keeps the file's dtypes.
-    Raises CheckpointError naming the layout and the first missing / unexpected / misshapen keys.
-    """
-    expected = module.state_dict()
-    state, unexpected, misshapen = {}, [], {}
-    for key, tensor in tensors:
-        if key not in expected:
-            unexpected.append(key)
-            continue
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            misshapen[key] = f"{key} {tuple(tensor.shape)} != {tuple(expected[key].shape)}"
-            continue
-        cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        state[key] = tensor.to(device=device, dtype=cast, copy=True)
-    missing = [k for k in expected if k not in state and k not in misshapen]
-    if missing or unexpected or misshapen:
-        raise CheckpointError(
-            f"checkpoint read as layout '{layout}' does not fit {type(module).__name__}: "
-            f"{len(missing)} missing (first: {missing[:5]}), {len(unexpected)} unexpected (first: {unexpected[:5]}), "
-            f"{len(misshapen)} with wrong shape (first: {list(misshapen.values())[:3]}). Is this the right file for this model?")
-    module.load_state_dict(state, strict=True, assign=True)
-    for lift in (m for m in module.modules() if isinstance(m, PixelLift)):
-        lift.float()
-    return module
-
-
-def config_from_json(cls, path: Path, **overrides):
-    """Build a config dataclass from a published config.json, ignoring keys the dataclass does not model."""
-    raw = json.loads(Path(path).read_text())
-    names = {f.name for f in fields(cls)}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names}
-    kwargs.update(overrides)
-    return cls(**kwargs)
-
-
-
-def component_dir(path: Path, component: str) -> Path:
-    """A Hugging Face repo root holds components in subfolders; anything else is taken as the component itself."""
-    path = Path(path)
-    return path / component if (path / component).is_dir() else path
-
-
-COMFY_PREFIX = "model.diffusion_model."  # ComfyUI's and some BFL single files prefix every key with it
-
-
-def transformer_folder(path: Path, class_name: str, family: str) -> tuple[Path, dict]:
-    """The transformer component of a repo root (or the component folder itself) and its config.json, which must
-    describe `class_name`."""
-    folder = component_dir(path, "transformer")
-    if not (folder / "config.json").exists():
-        raise CheckpointError(f"{path} is neither a {family} repo root (with transformer/) nor a component folder "
-                              "(config.json + safetensors); pass one of those or a single .safetensors file")
-    raw = json.loads((folder / "config.json").read_text())
-    if raw.get("_class_name", class_name) != class_name:
-        raise CheckpointError(f"{folder}/config.json describes a {raw['_class_name']}, not a {family} transformer "
-                              f"({class_name}); pass the {family} repo root or its transformer/ folder")
-    return folder, raw
-
-
-def single_file(path: Path) -> Path:
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: expected a folder or a .safetensors file")
-    return path
-
-
-def single_file_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], str]:
-    """A single file's key -> shape, without the prefix that all its keys share (if it is COMFY_PREFIX), and that
-    prefix."""
-    shapes = safetensors_shapes([path])
-    strip = COMFY_PREFIX if shapes and all(k.startswith(COMFY_PREFIX) for k in shapes) else ""
-    return {k.removeprefix(strip): s for k, s in shapes.items()}, strip
-
-
-def l2p_fields(shapes: dict[str, tuple[int, ...]], patch_size: int, recipe: str | None) -> dict:
-    """The pixel model's recipe fields (config) from its shapes and the recipe its metadata records (none: the
-    paper's, as in the released files); a lifted model predicts x0 whatever its metadata says."""
-    first_conv = f"local_decoder.enc{DETAILER_LEVELS[-int(math.log2(patch_size))][0]}.0.weight"
-    lift_dim, inputs = shapes.get("lift.basis", (0,))[0], shapes[first_conv][1]  # 3 (+ 3 lifted) (+ 1 sigma)
-    return dict(head_width=shapes["local_decoder.enc1.0.weight"][0], head_sigma=inputs % 3 == 1,
-                head_lift=inputs >= 6, lift_dim=lift_dim, x_prediction=bool(lift_dim) or recipe == "x0")
-
-
-def zimage_config_from_shapes(shapes: dict[str, tuple[int, ...]], patch_size: int, in_channels: int,
-                              pixel_head: bool = False, recipe: str | None = None) -> ZImageConfig:
-    count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix + ".")})
-    dim, cap_feat_dim = shapes["cap_embedder.1.weight"]
-    head_dim = shapes["layers.0.attention.norm_q.weight"][0]
-    # The RoPE split is not in the file: Z-Image's (32, 48, 48) of 128, scaled for smaller heads.
-    axes_dims = (head_dim // 4, head_dim * 3 // 8, head_dim - head_dim // 4 - head_dim * 3 // 8)
-    return ZImageConfig(in_channels=in_channels, patch_size=patch_size, dim=dim, n_layers=count("layers"),
-                        n_refiner_layers=count("noise_refiner"), n_heads=dim // head_dim, cap_feat_dim=cap_feat_dim,
-                        axes_dims=axes_dims, pixel_head=pixel_head,
-                        **(l2p_fields(shapes, patch_size, recipe) if pixel_head else {}))
-
-
-def zimage_from_comfy(tensors: Iterable[tuple[str, torch.Tensor]], patch_size: int):
-    """ComfyUI single-file names -> diffusers names: fused qkv split in rows q | k | v; unused norm_final dropped."""
-    renames = {".attention.out.weight": ".attention.to_out.0.weight",
-               ".attention.q_norm.weight": ".attention.norm_q.weight",
-               ".attention.k_norm.weight": ".attention.norm_k.weight"}
-    for key, tensor in tensors:
-        if key == "norm_final.weight":
-            continue
-        if key.endswith(".attention.qkv.weight"):
-            base = key.removesuffix("qkv.weight")
-            for name, part in zip(("to_q", "to_k", "to_v"), tensor.chunk(3, dim=0)):
-                yield f"{base}{name}.weight", part
-            continue
-        for old, new in renames.items():
-            if key.endswith(old):
-                key = key.removesuffix(old) + new
-        if key.startswith("x_embedder."):
-            key = f"all_x_embedder.{patch_size}-1." + key.removeprefix("x_embedder.")
-        elif key.startswith("final_layer."):
-            key = f"all_final_layer.{patch_size}-1." + key.removeprefix("final_layer.")
-        yield key, tensor
-
-
-def _normalise_dit_keys(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Shapes of a ComfyUI single file under diffusers names (for config inference; no tensor is read)."""
-    meta = ((k, torch.empty(s, device="meta")) for k, s in shapes.items())
-    return {k: tuple(t.shape) for k, t in zimage_from_comfy(meta, patch_size=2)}  # ComfyUI files are latent, p = 2
-
-
-TRAINED_FORMAT = "l2p-trained"  # train.py's checkpoints: only the trained tensors, plus where their init is
-
-
-@dataclass
-class DiTCheckpoint:
-    """A DiT checkpoint on disk, of either family: its config, which layout it is in, and its tensors under our
-    (diffusers) names, `rename` taking a single file's own names there (ComfyUI's, BFL's). `trained` (train.py
-    output) overrides the tensors of the same names in `files` (the init)."""
-    cfg: "ZImageConfig | Flux2Config"
-    layout: str
-    files: list[Path]
-    strip_prefix: str = ""
-    rename: Callable | None = None
-    trained: Path | None = None
-
-    def tensors(self, meta: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        tensors = read_tensors(self.files, self.strip_prefix, meta=meta)
-        if self.rename is not None:
-            tensors = self.rename(tensors)
-        if self.trained is None:
-            yield from tensors
-            return
-        replaced = set(safetensors_shapes([self.trained]))
-        yield from ((k, t) for k, t in tensors if k not in replaced)
-        yield from read_tensors([self.trained], meta=meta)
-
-
-def trained_metadata(init: Path, trained: Path) -> dict[str, str]:
-    """What a train.py checkpoint records of its init: the path relative to the checkpoint's folder (a run folder
-    moved together with its init still loads) and the init's header fingerprint (a stand-in init is refused)."""
-    return {"format": TRAINED_FORMAT, "init": os.path.relpath(Path(init).resolve(), Path(trained).resolve().parent),
-            "init_header_sha256": header_sha256(init)}
-
-
-def trained_init_path(path: Path, init: Path | None = None) -> Path | None:
-    """For a train.py checkpoint (only the trained tensors), the init checkpoint it completes: `init` if given, else
-    the recorded path (relative to the checkpoint's folder). None for any other checkpoint."""
-    meta = safetensors_metadata(path)
-    if meta.get("format") != TRAINED_FORMAT:
-        return None
-    recorded = path.parent / meta["init"]  # an absolute recorded path (older runs) stays absolute
-    init = Path(init) if init is not None else recorded
-    if not init.exists():
-        raise CheckpointError(f"{path} holds only the trained tensors of a run; its init {recorded} is not there. "
-                              "Pass the checkpoint the run started from (--init), or put it back at that path")
-    expected = meta.get("init_header_sha256")
-    if expected and header_sha256(init) != expected:
-        raise CheckpointError(f"{init} is not the init that {path} was trained from (its header differs); pass the "
-                              "convert.py output the run started from")
-    return init
-
-
-def open_zimage_checkpoint(path) -> DiTCheckpoint:
-    """Detect the layout of a Z-Image or L2P checkpoint from its config or its keys; reads no tensor data.
-
-    Accepts a Z-Image repo root, a transformer/ folder (sharded or not), or a single .safetensors file: diffusers
-    names, ComfyUI names (fused qkv, optional 'model.diffusion_model.' prefix), or an L2P checkpoint (ours from
-    convert.py, or the released merged 1K / 4K files). Single files get their config from the tensor shapes.
-    """
-    path = Path(path)
-    if path.is_dir():
-        folder, raw = transformer_folder(path, "ZImageTransformer2DModel", "Z-Image")
-        if raw.get("all_patch_size", [2]) != [2] or raw.get("all_f_patch_size", [1]) != [1]:
-            raise CheckpointError(f"{folder}/config.json: only the single 2x2 latent patch of Z-Image is supported, "
-                                  f"got {raw.get('all_patch_size')}")
-        return DiTCheckpoint(config_from_json(ZImageConfig, folder / "config.json"), "diffusers folder",
-                             safetensors_files(folder))
-    shapes, strip = single_file_shapes(single_file(path))
-    comfy = any(k.endswith(".attention.qkv.weight") for k in shapes)
-    names = _normalise_dit_keys(shapes) if comfy else shapes
-    pixel_head = any(k.startswith("local_decoder.") for k in names)
-    layout = ("L2P pixel checkpoint" if pixel_head else "single file") + (
-        ", ComfyUI names" if comfy else ", diffusers names") + (f", prefix '{strip}'" if strip else "")
-    embedder = next((k for k in names if k.startswith("all_x_embedder.") and k.endswith("-1.weight")), None)
-    if embedder is None or "cap_embedder.1.weight" not in names or "layers.0.attention.norm_q.weight" not in names:
-        raise CheckpointError(f"{path} (read as {layout}) is not a Z-Image or L2P transformer: no patch embedder / "
-                              f"caption embedder / layers.0 among its {len(shapes)} keys (first: {list(shapes)[:5]}). "
-                              "Pass a Z-Image transformer or an L2P checkpoint")
-    patch_size = int(embedder.split(".")[1].split("-")[0])
-    cfg = zimage_config_from_shapes(names, patch_size, in_channels=names[embedder][1] // patch_size ** 2,
-                                    pixel_head=pixel_head, recipe=safetensors_metadata(path).get("l2p_recipe"))
-    return DiTCheckpoint(cfg, layout, [path], strip, partial(zimage_from_comfy, patch_size=2) if comfy else None)
-
-
-# BFL single-file names -> diffusers names, for the keys that are a plain rename (block keys are handled below)
-BFL_FLUX2_RENAMES = {
-    "img_in.": "x_embedder.",
-    "txt_in.": "context_embedder.",
-    "time_in.in_layer.": "time_guidance_embed.timestep_embedder.linear_1.",
-    "time_in.out_layer.": "time_guidance_embed.timestep_embedder.linear_2.",
-    "double_stream_modulation_img.lin.": "double_stream_modulation_img.linear.",
-    "double_stream_modulation_txt.lin.": "double_stream_modulation_txt.linear.",
-    "single_stream_modulation.lin.": "single_stream_modulation.linear.",
-    "final_layer.linear.": "proj_out.",
-    "final_layer.adaLN_modulation.1.": "norm_out.linear.",
-}
-
-
-BFL_FLUX2_DOUBLE_BLOCK = {  # double_blocks.i.<BFL> -> transformer_blocks.i.<diffusers>
-    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
-    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
-    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
-    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
-    "img_attn.proj.weight": "attn.to_out.0.weight",
-    "txt_attn.proj.weight": "attn.to_add_out.weight",
-    "img_mlp.0.weight": "ff.linear_in.weight",
-    "img_mlp.2.weight": "ff.linear_out.weight",
-    "txt_mlp.0.weight": "ff_context.linear_in.weight",
-    "txt_mlp.2.weight": "ff_context.linear_out.weight",
-}
-
-
-BFL_FLUX2_SINGLE_BLOCK = {  # single_blocks.i.<BFL> -> single_transformer_blocks.i.<diffusers>
-    "linear1.weight": "attn.to_qkv_mlp_proj.weight",
-    "linear2.weight": "attn.to_out.weight",
-    "norm.query_norm.scale": "attn.norm_q.weight",
-    "norm.key_norm.scale": "attn.norm_k.weight",
-}
-
-
-BFL_FLUX2_QKV = {"img_attn.qkv.weight": ("to_q", "to_k", "to_v"),
-                 "txt_attn.qkv.weight": ("add_q_proj", "add_k_proj", "add_v_proj")}
-
-
-def flux2_from_bfl(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """BFL single-file (key, tensor) -> diffusers (key, tensor), prefix already stripped: fused qkv split in rows
-    q; k; v, QK-norm `.scale` -> `.weight`, and the final adaLN's halves swapped from [shift; scale] to [scale; shift].
-    Unknown keys pass through unchanged, so assign_weights names them."""
-    for key, tensor in tensors:
-        block, _, index_rest = key.partition(".")
-        index, _, rest = index_rest.partition(".")
-        if block == "double_blocks" and rest in BFL_FLUX2_QKV:
-            for name, part in zip(BFL_FLUX2_QKV[rest], tensor.chunk(3, dim=0)):
-                yield f"transformer_blocks.{index}.attn.{name}.weight", part
-        elif block == "double_blocks" and rest in BFL_FLUX2_DOUBLE_BLOCK:
-            yield f"transformer_blocks.{index}.{BFL_FLUX2_DOUBLE_BLOCK[rest]}", tensor
-        elif block == "single_blocks" and rest in BFL_FLUX2_SINGLE_BLOCK:
-            yield f"single_transformer_blocks.{index}.{BFL_FLUX2_SINGLE_BLOCK[rest]}", tensor
-        else:
-            old = next((old for old in BFL_FLUX2_RENAMES if key.startswith(old)), None)
-            if old is None:
-                yield key, tensor
-                continue
-            if old == "final_layer.adaLN_modulation.1." and not tensor.is_meta:  # shapes alone need no swap, and
-                shift, scale = tensor.chunk(2, dim=0)  # torch.cat on meta tensors imports torch's meta-kernel registry
-                tensor = torch.cat([scale, shift])
-            yield BFL_FLUX2_RENAMES[old] + key.removeprefix(old), tensor
-
-
-def flux2_config_from_shapes(shapes: dict[str, tuple[int, ...]], recipe: str | None = None) -> Flux2Config:
-    """A FLUX.2 config from diffusers-named shapes (map a BFL file's through flux2_from_bfl first). The RoPE split
-    and theta are not in the file: FLUX.2's four equal axes and 2000."""
-    count = lambda prefix: len({k.split(".")[1] for k in shapes if k.startswith(prefix + ".")})
-    pixel_head = "pixel_embedder.weight" in shapes  # L2P: in = p * p * 3
-    dim, in_channels = shapes["pixel_embedder.weight" if pixel_head else "x_embedder.weight"]
-    patch_size = round(math.sqrt(in_channels // 3)) if pixel_head else 1
-    head_dim = shapes["single_transformer_blocks.0.attn.norm_q.weight"][0]
-    singles = count("single_transformer_blocks")
-    tail = [int(k.split(".")[1]) for k in shapes if k.startswith("single_stream_modulation_tail.")]
-    return Flux2Config(in_channels=3 if pixel_head else in_channels, patch_size=patch_size,
-                       num_layers=count("transformer_blocks"), num_single_layers=singles,
-                       num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
-                       joint_attention_dim=shapes["context_embedder.weight"][1],
-                       timestep_guidance_channels=shapes["time_guidance_embed.timestep_embedder.linear_1.weight"][1],
-                       mlp_ratio=shapes["transformer_blocks.0.ff.linear_out.weight"][1] / dim,
-                       axes_dims_rope=(head_dim // 4,) * 4, pixel_head=pixel_head,
-                       single_tail=singles - tail[0] if tail else 0,
-                       **(l2p_fields(shapes, patch_size, recipe) if pixel_head else {}))
-
-
-def guess_component(keys: Iterable[str]) -> str:
-    """What a set of checkpoint keys looks like, for error messages."""
-    keys = [k.removeprefix(COMFY_PREFIX) for k in keys]
-    has = lambda *parts: any(p in k for k in keys for p in parts)
-    if has("single_stream_modulation."):
-        return "a FLUX.2 transformer"
-    if has("cap_embedder.", "context_refiner.", ".attention.qkv."):
-        return "a Z-Image / L2P transformer"
-    if has("bn.running_mean"):
-        return "FLUX.2's VAE"
-    if has("decoder.mid"):
-        return "a FLUX.1 / Z-Image VAE"
-    if has("embed_tokens."):
-        return "a text encoder"
-    return "an unknown checkpoint"
-
-
-def open_flux2_checkpoint(path) -> DiTCheckpoint:
-    """Detect the layout of a FLUX.2 transformer from its config or its keys; reads no tensor data.
-
-    Accepts a FLUX.2 repo root, a diffusers transformer/ folder (one file or shards + index), or a single
-    .safetensors file: BFL names (flux-2-klein-4b.safetensors, optionally prefixed 'model.diffusion_model.') or
-    diffusers names. Single files get their config from the tensor shapes.
-    """
-    path = Path(path)
-    if path.is_dir():
-        folder, raw = transformer_folder(path, "Flux2Transformer2DModel", "FLUX.2")
-        unsupported = {k: raw[k] for k, ok in (("guidance_embeds", False), ("patch_size", 1)) if raw.get(k, ok) != ok}
-        if raw.get("out_channels") not in (None, raw.get("in_channels", 128)):
-            unsupported["out_channels"] = raw["out_channels"]
-        if unsupported:
-            raise CheckpointError(f"{folder}/config.json: {unsupported} is not FLUX.2 [klein]'s architecture (guidance "
-                                  "embedding off, patch 1, out = in channels); only klein is supported")
-        return DiTCheckpoint(config_from_json(Flux2Config, folder / "config.json"), "diffusers folder",
-                             safetensors_files(folder))
-    shapes, strip = single_file_shapes(single_file(path))
-    bfl = "single_stream_modulation.lin.weight" in shapes
-    layout = ("single file, BFL names" if bfl else "single file, diffusers names") + (
-        f", prefix '{strip}'" if strip else "")
-    if "guidance_in.in_layer.weight" in shapes:
-        raise CheckpointError(f"{path} ({layout}) has a guidance embedder: FLUX.2 [dev], not klein; only klein is "
-                              "supported")
-    names = {k: tuple(t.shape) for k, t in flux2_from_bfl((k, torch.empty(s, device="meta"))
-                                                          for k, s in shapes.items())} if bfl else shapes
-    required = ("context_embedder.weight", "single_stream_modulation.linear.weight",
-                "transformer_blocks.0.ff.linear_out.weight", "single_transformer_blocks.0.attn.norm_q.weight",
-                "time_guidance_embed.timestep_embedder.linear_1.weight")
-    if not all(k in names for k in required) or not {"x_embedder.weight", "pixel_embedder.weight"} & names.keys():
-        raise CheckpointError(f"{path} (read as {layout}) is not a FLUX.2 transformer: it looks like "
-                              f"{guess_component(shapes)} ({len(shapes)} keys, first: {list(shapes)[:4]}). Pass "
-                              "flux-2-klein-4b.safetensors, or a FLUX.2 repo root or transformer/ folder")
-    return DiTCheckpoint(flux2_config_from_shapes(names, safetensors_metadata(path).get("l2p_recipe")), layout,
-                         [path], strip, flux2_from_bfl if bfl else None)
-
-
-def detect_family(path, init: Path | None = None) -> str:
-    """'flux2' or 'zimage' (also L2P's pixel models), from the transformer's config.json or a single file's keys
-    (a train.py checkpoint's: its init's; `init` as in load_model). Anything unreadable is 'zimage', whose loader
-    then says what is wrong."""
-    path = Path(path)
-    if path.is_dir():
-        config_file = component_dir(path, "transformer") / "config.json"
-        name = json.loads(config_file.read_text()).get("_class_name") if config_file.exists() else None
-        return "flux2" if name == "Flux2Transformer2DModel" else "zimage"
-    if path.suffix != ".safetensors" or not path.is_file():
-        return "zimage"
-    trained_from = trained_init_path(path, init)
-    if trained_from is not None:
-        return detect_family(trained_from)
-    keys = (k.removeprefix(COMFY_PREFIX) for k in safetensors_shapes([path]))
-    return "flux2" if any(k.startswith("single_stream_modulation.") for k in keys) else "zimage"
-
-
-def open_checkpoint(path, init: Path | None = None) -> DiTCheckpoint:
-    """A DiT checkpoint of either family (detect_family), its layout detected; reads no tensor data. A train.py
-    checkpoint is completed by its init: `init`, or the path it recorded."""
-    path = Path(path)
-    init = trained_init_path(path, init) if path.is_file() and path.suffix == ".safetensors" else None
-    if init is not None:
-        base = open_checkpoint(init)
-        return replace(base, layout=f"{base.layout} + trained tensors of {path.name}", trained=path)
-    return open_flux2_checkpoint(path) if detect_family(path) == "flux2" else open_zimage_checkpoint(path)
-
-
-def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16, init: Path | None = None
-               ) -> "ZImageDiT | Flux2DiT":
-    """A Z-Image DiT, an L2P pixel model or a FLUX.2 DiT from any layout open_checkpoint reads, built on the meta
-    device and filled tensor by tensor (peak memory ~ the model once); forward(x, sigma, cap, cap_mask) -> v in every
-    case. Mixed dtypes (the released L2P files mix F32 and bf16) are cast to `dtype`. `init`: for a train.py
-    checkpoint whose init is not where the run recorded it.
-    """
-    checkpoint = open_checkpoint(path, init)
-    with torch.device("meta"):
-        model = new_model(checkpoint.cfg)
-    return assign_weights(model, checkpoint.tensors(), checkpoint.layout, device=device, dtype=dtype).eval()
-
-
-# The original FLUX.1 ae.safetensors names the same weights the LDM way; these renames take it to ours.
-LDM_VAE_RENAMES = [
-    (r"\.norm_out\.", ".conv_norm_out."),
-    (r"\.nin_shortcut\.", ".conv_shortcut."),
-    (r"\.down\.(\d+)\.block\.", r".down_blocks.\1.resnets."),
-    (r"\.down\.(\d+)\.downsample\.", r".down_blocks.\1.downsamplers.0."),
-    (r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}."),
-    (r"\.mid\.attn_1\.norm\.", ".mid_block.attentions.0.group_norm."),
-    (r"\.mid\.attn_1\.([qkv])\.", r".mid_block.attentions.0.to_\1."),
-    (r"\.mid\.attn_1\.proj_out\.", ".mid_block.attentions.0.to_out.0."),
-]
-
-
-def flux_vae_from_ldm(items: Iterable[tuple[str, torch.Tensor]], levels: int = 4) -> Iterator[tuple[str, torch.Tensor]]:
-    """(LDM key, tensor) -> (diffusers key, tensor), prefix already stripped; `levels` = len(block_out_channels)."""
-    def up_level(m):
-        i = levels - 1 - int(m[1])  # LDM numbers decoder levels from the image end, diffusers from the latent end
-        return f".up_blocks.{i}.resnets." if m[2] == "block" else f".up_blocks.{i}.upsamplers.0."
-
-    for key, tensor in items:
-        for pattern, new in LDM_VAE_RENAMES:
-            key = re.sub(pattern, new, key)
-        key = re.sub(r"\.up\.(\d+)\.(block|upsample)\.", up_level, key)
-        if ".attentions.0.to_" in key and tensor.ndim == 4:
-            tensor = tensor.flatten(1)  # the LDM attention projections are 1x1 convs: [C, C, 1, 1] -> [C, C]
-        yield key, tensor
-
-
-def vae_naming(keys: Iterable[str]) -> tuple[str, str]:
-    """('diffusers' or 'LDM', key prefix), read from the names alone."""
-    keys = set(keys)
-    for prefix in ("", "first_stage_model.", "vae."):
-        if f"{prefix}decoder.mid_block.resnets.0.conv1.weight" in keys:
-            return "diffusers", prefix
-        if f"{prefix}decoder.mid.block_1.conv1.weight" in keys:
-            return "LDM", prefix
-    raise CheckpointError(
-        f"not a VAE checkpoint: none of its {len(keys)} tensors is a VAE decoder's (first keys: {sorted(keys)[:3]}). "
-        "Pass the Z-Image repo root, its vae/ folder, or FLUX.1's ae.safetensors")
-
-
-def flux_vae_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> FluxVAEConfig:
-    """The architecture of a config-less VAE file (diffusers names) from its shapes. GroupNorm's group count is not
-    in the shapes: every published LDM VAE uses 32. The latent normalisation is not either: FLUX.1's (Z-Image's)."""
-    levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down_blocks."))
-    channels = tuple(shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(levels))
-    if any(c % 32 for c in channels):
-        raise CheckpointError(f"a VAE with channels {channels} cannot use 32 GroupNorm groups; put its config.json "
-                              "beside it (a diffusers vae/ folder) or pass load_vae(config=...)")
-    return FluxVAEConfig(in_channels=shapes["encoder.conv_in.weight"][1],
-                         out_channels=shapes["decoder.conv_out.weight"][0],
-                         latent_channels=shapes["decoder.conv_in.weight"][1], block_out_channels=channels,
-                         layers_per_block=len({k.split(".")[4] for k in shapes
-                                               if k.startswith("encoder.down_blocks.0.resnets.")}))
-
-
-def load_vae(path, device="cpu", dtype=torch.float32, config=None, family: str | None = None
-             ) -> "FluxVAE | Flux2VAE":
-    """FLUX.1's autoencoder (Z-Image's) or FLUX.2's, from a repo root (with vae/), a diffusers vae folder (config.json
-    + one file or shards), or one .safetensors file in diffusers or LDM / BFL (ae.safetensors) names, optionally
-    prefixed 'first_stage_model.' or 'vae.'.
-
-    family: 'zimage' or 'flux2'; by default a folder's config.json class, or a single file's bn statistics (FLUX.2's
-    latent normalisation), tell them apart. config: by default the folder's config.json; a single file's
-    architecture is read from its shapes (FLUX.1) or is FLUX.2's. bn.num_batches_tracked (a count of training
-    batches) is not read. device="meta" reads the headers alone (the architecture, no weights).
-    """
-    path = component_dir(path, "vae")
-    if not (path.is_dir() or path.suffix == ".safetensors" and path.is_file()):
-        raise CheckpointError(f"{path}: expected a repo root, a vae folder or an existing .safetensors file")
-    config_file = path / "config.json"
-    raw = json.loads(config_file.read_text()) if config_file.exists() else None
-    files = safetensors_files(path) if path.is_dir() else [path]
-    if family is None:
-        family = "flux2" if ((raw or {}).get("_class_name") == "AutoencoderKLFlux2" if path.is_dir() else
-                             any(k.endswith("bn.running_mean") for k in safetensors_shapes(files))) else "zimage"
-    if family == "flux2" and path.is_dir():
-        config = flux2_vae_config(config_file, raw)
-    shapes = safetensors_shapes(files)
-    naming, prefix = vae_naming(shapes)
-    names = "BFL" if family == "flux2" and naming == "LDM" else naming
-    layout = f"{'folder' if path.is_dir() else 'single file'}, {names} names"
-    layout += f", prefix '{prefix}'" if prefix else ""
-    tensors = read_tensors(files, strip_prefix=prefix, meta=torch.device(device).type == "meta")
-    if family == "flux2":
-        if f"{prefix}bn.running_mean" not in shapes:
-            raise CheckpointError(f"{path} ({layout}) has no bn.running_mean: it looks like {guess_component(shapes)}, "
-                                  "not FLUX.2's VAE")
-        config = config or Flux2VAEConfig()
-        if naming == "LDM":
-            tensors = flux2_vae_from_bfl(tensors, levels=len(config.block_out_channels))
-        tensors = chain(((k, t) for k, t in tensors if k != "bn.num_batches_tracked"),
-                        [("bn.num_batches_tracked", torch.tensor(0))])
-        with torch.device("meta"):
-            vae = Flux2VAE(config)
-        return assign_weights(vae, tensors, layout, device=device, dtype=dtype).eval()
-    meta = {k.removeprefix(prefix): torch.empty(s, device="meta") for k, s in shapes.items()}
-    levels = 1 + max(int(k.split(".")[2]) for k in meta if k.startswith(("encoder.down.", "encoder.down_blocks.")))
-    if naming == "LDM":
-        tensors, meta = flux_vae_from_ldm(tensors, levels), dict(flux_vae_from_ldm(meta.items(), levels))
-    if config is None:
-        config = (config_from_json(FluxVAEConfig, config_file) if raw is not None else
-                  flux_vae_config_from_shapes({k: tuple(t.shape) for k, t in meta.items()}))
-    with torch.device("meta"):
-        vae = FluxVAE(config)
-    return assign_weights(vae, tensors, layout, device=device, dtype=dtype).eval()
-
-
-def flux2_vae_config(config_file: Path, raw: dict | None) -> Flux2VAEConfig:
-    """The config of a FLUX.2 vae/ folder, refusing one that is not an architecture Flux2VAE implements."""
-    if raw is None:
-        raise CheckpointError(f"{config_file.parent} has no config.json: pass the FLUX.2 repo root, its vae/ folder, "
-                              "or BFL's ae.safetensors")
-    if raw.get("_class_name") != "AutoencoderKLFlux2":
-        raise CheckpointError(f"{config_file} describes a {raw.get('_class_name', 'config without _class_name')}, "
-                              "not FLUX.2's AutoencoderKLFlux2")
-    expected = {"use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True, "act_fn": "silu"}
-    unsupported = {k: raw[k] for k, ok in expected.items() if raw.get(k, ok) != ok}
-    if raw.get("decoder_block_out_channels") not in (None, raw.get("block_out_channels")):
-        unsupported["decoder_block_out_channels"] = raw["decoder_block_out_channels"]
-    if unsupported:
-        raise CheckpointError(f"{config_file}: {unsupported} is not an architecture this VAE implements")
-    return config_from_json(Flux2VAEConfig, config_file)
-
-
-def flux2_vae_from_bfl(items: Iterable[tuple[str, torch.Tensor]], levels: int = 4
-                       ) -> Iterator[tuple[str, torch.Tensor]]:
-    """BFL ae.safetensors (key, tensor) -> ours: FLUX.1's LDM names, plus the 1x1 convs BFL keeps inside the
-    encoder and decoder (encoder.quant_conv, decoder.post_quant_conv), which diffusers keeps at the top."""
-    for key, tensor in flux_vae_from_ldm(items, levels):
-        if key.startswith(("encoder.quant_conv.", "decoder.post_quant_conv.")):
-            key = key.partition(".")[2]
-        yield key, tensor
-
-
 def qwen3_config_from_shapes(shapes: dict[str, tuple]) -> "Qwen3Config":
     """The Qwen3 config of a checkpoint without config.json: sizes from tensor shapes, the rest Qwen3-4B's."""
     from transformers import Qwen3Config
@@ -1974,13 +1341,472 @@ def check_text_encoder(path, cfg: "ZImageConfig | Flux2Config") -> None:
             f"reads {cfg.cap_feat_dim}: pass the text encoder of the checkpoint's source repo")
 
 
-def compile_blocks(net: nn.Module) -> nn.Module:
-    """torch.compile every transformer block in place (norms, modulation, RoPE and the MLP fused by the compiler);
-    embedders, the head and the sampler stay eager. The first call of each new shape compiles."""
-    for module in net.modules():
-        if isinstance(module, (DiTBlock, DoubleStreamBlock, SingleStreamBlock)):
-            module.compile()
-    return net
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Loading: safetensors, one DiT opener for both families' layouts (rename tables, config from shapes), one VAE loader
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is not what the caller asked for: says what was seen and what to do."""
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The shards of a component folder: those named by a *.safetensors.index.json, else every *.safetensors."""
+    folder = Path(folder)
+    index = min(folder.glob("*.safetensors.index.json"), default=None)
+    files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()} if index else
+                   folder.glob("*.safetensors"))
+    missing = [f.name for f in files if not f.exists()]
+    if missing or not files:
+        raise CheckpointError(f"{index} names shards that are not there: {missing[:3]}; download the whole folder "
+                              "again" if missing else f"no *.safetensors file in {folder}")
+    return files
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+@contextmanager
+def open_safetensors(file: Path):
+    """safetensors' own reader, with a file that is missing, truncated or not safetensors as a CheckpointError."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            yield f
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} does not exist") from None
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); download or write it again") from None
+
+
+def safetensors_metadata(file: Path) -> dict[str, str]:
+    with open_safetensors(file) as f:
+        return f.metadata() or {}
+
+
+def safetensors_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor in the files, from the headers alone."""
+    shapes = {}
+    for file in files:
+        with open_safetensors(file) as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes
+
+
+def read_tensors(files: Iterable[Path], strip_prefix: str = "", meta: bool = False
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (key, tensor) one at a time, memory-mapped (copy what you keep); meta=True reads headers only. Each
+    tensor gets a mapping of its own, closed once the caller moves on, so the pages of tensors already consumed leave
+    the resident set: a checkpoint streams into a bf16 model without a second copy in memory."""
+    for file in files:
+        with open_safetensors(file) as f:
+            specs = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
+        for key, (dtype, shape) in specs.items():
+            if meta:
+                tensor = torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype], device="meta")
+            else:
+                with open_safetensors(file) as f:
+                    tensor = f.get_tensor(key)
+            yield key.removeprefix(strip_prefix), tensor
+
+
+def assign_weights(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], layout: str,
+                   device="cpu", dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """Fill a module built on the meta device with checkpoint tensors, each copied once as it streams in (cast to
+    `dtype` if floating, None keeps the file's; moved): peak memory is the model plus one tensor, and the model never
+    depends on the file. A CheckpointError names the layout and the first missing / unexpected / misshapen keys."""
+    expected = module.state_dict()
+    state, unexpected, misshapen = {}, [], {}
+    for key, tensor in tensors:
+        if key not in expected:
+            unexpected.append(key)
+        elif tuple(tensor.shape) != tuple(expected[key].shape):
+            misshapen[key] = f"{key} {tuple(tensor.shape)} != {tuple(expected[key].shape)}"
+        else:
+            cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            state[key] = tensor.to(device=device, dtype=cast, copy=True)
+    missing = [k for k in expected if k not in state and k not in misshapen]
+    if missing or unexpected or misshapen:
+        raise CheckpointError(
+            f"checkpoint read as layout '{layout}' does not fit {type(module).__name__}: "
+            f"{len(missing)} missing (first: {missing[:5]}), {len(unexpected)} unexpected (first: {unexpected[:5]}), "
+            f"{len(misshapen)} with wrong shape (first: {list(misshapen.values())[:3]}). Is this the right file for "
+            "this model?")
+    module.load_state_dict(state, strict=True, assign=True)
+    for lift in (m for m in module.modules() if isinstance(m, PixelLift)):
+        lift.float()
+    return module
+
+
+def config_from_json(cls, path: Path, **overrides):
+    """Build a config dataclass from a published config.json, ignoring keys the dataclass does not model."""
+    raw = json.loads(Path(path).read_text())
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names} | overrides)
+
+
+def component_dir(path: Path, component: str) -> Path:
+    """A Hugging Face repo root holds components in subfolders; anything else is taken as the component itself."""
+    path = Path(path)
+    return path / component if (path / component).is_dir() else path
+
+
+def renamed(tensors: Iterable[tuple[str, torch.Tensor]], renames: list, fused: list = ()
+            ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) in a published format's names -> ours (diffusers'): a key matching a (regex, names) of `fused`
+    is split by rows into len(names) parts (a fused qkv), then each (regex, new) of `renames` is applied with re.sub;
+    a key renamed to "" is dropped, keys no rule matches pass through (assign_weights names them)."""
+    for key, tensor in tensors:
+        split = next(((pattern, names) for pattern, names in fused if re.search(pattern, key)), None)
+        parts = [(key, tensor)] if split is None else [
+            (re.sub(split[0], name, key), part) for name, part in zip(split[1], tensor.chunk(len(split[1])))]
+        for key, tensor in parts:
+            for pattern, new in renames:
+                key = re.sub(pattern, new, key)
+            if key:
+                yield key, tensor
+
+
+def count_blocks(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
+    """How many numbered blocks `prefix`.<i>.* the keys hold."""
+    return len({k.removeprefix(prefix + ".").split(".")[0] for k in shapes if k.startswith(prefix + ".")})
+
+
+def describe_layout(kind: str, names: str, prefix: str) -> str:
+    """How a checkpoint was read, for messages: 'single file, BFL names, prefix 'model.diffusion_model.''."""
+    return f"{kind}, {names} names" + (f", prefix '{prefix}'" if prefix else "")
+
+
+def renamed_shapes(shapes: dict[str, tuple[int, ...]], rename: Callable) -> dict[str, tuple[int, ...]]:
+    """What `rename` makes of a file's key -> shape, read through meta tensors (no data)."""
+    return {k: tuple(t.shape) for k, t in rename((k, torch.empty(s, device="meta")) for k, s in shapes.items())}
+
+
+# ComfyUI's Z-Image single files: one fused qkv, its own norm and output names, the latent patch's layers unnamed
+COMFY_ZIMAGE_FUSED = [(r"\.attention\.qkv\.weight$", tuple(f".attention.to_{n}.weight" for n in "qkv"))]
+COMFY_ZIMAGE_NAMES = [(r"^norm_final\.weight$", ""), (r"\.attention\.out\.", ".attention.to_out.0."),
+                      (r"\.attention\.([qk])_norm\.", r".attention.norm_\1."),
+                      (r"^x_embedder\.", f"all_x_embedder.{ZIMAGE_LATENT_PATCH}-1."),
+                      (r"^final_layer\.", f"all_final_layer.{ZIMAGE_LATENT_PATCH}-1.")]
+
+# BFL's FLUX.2 single files (flux-2-klein-4b.safetensors)
+BFL_FLUX2_FUSED = [(rf"^double_blocks\.(\d+)\.{stream}_attn\.qkv\.weight$",
+                    tuple(rf"transformer_blocks.\1.attn.{n}.weight" for n in names))
+                   for stream, names in (("img", ("to_q", "to_k", "to_v")),
+                                         ("txt", ("add_q_proj", "add_k_proj", "add_v_proj")))]
+BFL_FLUX2_NAMES = [
+    (r"^double_blocks\.", "transformer_blocks."),
+    (r"\.(img|txt)_attn\.norm\.(query|key)_norm\.scale$",
+     lambda m: f".attn.norm_{'added_' if m[1] == 'txt' else ''}{m[2][0]}.weight"),
+    (r"\.img_attn\.proj\.", ".attn.to_out.0."), (r"\.txt_attn\.proj\.", ".attn.to_add_out."),
+    (r"\.img_mlp\.0\.", ".ff.linear_in."), (r"\.img_mlp\.2\.", ".ff.linear_out."),
+    (r"\.txt_mlp\.0\.", ".ff_context.linear_in."), (r"\.txt_mlp\.2\.", ".ff_context.linear_out."),
+    (r"^single_blocks\.", "single_transformer_blocks."),  # the double blocks' norms are renamed by now:
+    (r"\.norm\.(query|key)_norm\.scale$", lambda m: f".attn.norm_{m[1][0]}.weight"),
+    (r"\.linear1\.", ".attn.to_qkv_mlp_proj."), (r"\.linear2\.", ".attn.to_out."),
+    (r"^img_in\.", "x_embedder."), (r"^txt_in\.", "context_embedder."),
+    (r"^time_in\.in_layer\.", "time_guidance_embed.timestep_embedder.linear_1."),
+    (r"^time_in\.out_layer\.", "time_guidance_embed.timestep_embedder.linear_2."),
+    (r"_modulation(_img|_txt|)\.lin\.", r"_modulation\1.linear."),
+    (r"^final_layer\.linear\.", "proj_out."), (r"^final_layer\.adaLN_modulation\.1\.", "norm_out.linear."),
+]
+
+
+def zimage_from_comfy(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    return renamed(tensors, COMFY_ZIMAGE_NAMES, COMFY_ZIMAGE_FUSED)
+
+
+def flux2_from_bfl(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """BFL names -> ours; the final adaLN's halves also swap, BFL's [shift; scale] being diffusers' [scale; shift]."""
+    for key, tensor in renamed(tensors, BFL_FLUX2_NAMES, BFL_FLUX2_FUSED):
+        if key.startswith("norm_out.linear.") and not tensor.is_meta:  # shapes need no swap (cat on meta is slow)
+            tensor = torch.cat(tensor.chunk(2)[::-1])
+        yield key, tensor
+
+
+def zimage_config_from_shapes(shapes: dict[str, tuple[int, ...]], recipe: str | None = None) -> ZImageConfig:
+    """A Z-Image (or L2P) config from diffusers-named shapes. The RoPE split is not in the file: Z-Image's
+    (32, 48, 48) of 128, scaled for smaller heads."""
+    count = partial(count_blocks, shapes)
+    embedder = next(k for k in shapes if re.fullmatch(r"all_x_embedder\.\d+-1\.weight", k))
+    patch_size = int(embedder.split(".")[1].split("-")[0])
+    pixel_head = any(k.startswith("local_decoder.") for k in shapes)
+    dim, cap_feat_dim = shapes["cap_embedder.1.weight"]
+    head_dim = shapes["layers.0.attention.norm_q.weight"][0]
+    return ZImageConfig(in_channels=shapes[embedder][1] // patch_size ** 2, patch_size=patch_size, dim=dim,
+                        n_layers=count("layers"), n_refiner_layers=count("noise_refiner"), n_heads=dim // head_dim,
+                        cap_feat_dim=cap_feat_dim, pixel_head=pixel_head,
+                        axes_dims=(head_dim // 4, head_dim * 3 // 8, head_dim - head_dim // 4 - head_dim * 3 // 8),
+                        **(l2p_fields(shapes, patch_size, recipe) if pixel_head else {}))
+
+
+def flux2_config_from_shapes(shapes: dict[str, tuple[int, ...]], recipe: str | None = None) -> Flux2Config:
+    """A FLUX.2 config from diffusers-named shapes. The RoPE split and theta are not in the file: FLUX.2's four equal
+    axes and 2000."""
+    if "guidance_in.in_layer.weight" in shapes:
+        raise CheckpointError("it has a guidance embedder: FLUX.2 [dev], not klein; only klein is supported")
+    count = partial(count_blocks, shapes)
+    pixel_head = "pixel_embedder.weight" in shapes  # L2P: in = p * p * 3
+    dim, in_channels = shapes["pixel_embedder.weight" if pixel_head else "x_embedder.weight"]
+    patch_size = round(math.sqrt(in_channels // 3)) if pixel_head else 1
+    head_dim = shapes["single_transformer_blocks.0.attn.norm_q.weight"][0]
+    singles = count("single_transformer_blocks")
+    tail = [int(k.split(".")[1]) for k in shapes if k.startswith("single_stream_modulation_tail.")]
+    return Flux2Config(in_channels=3 if pixel_head else in_channels, patch_size=patch_size,
+                       num_layers=count("transformer_blocks"), num_single_layers=singles,
+                       num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
+                       joint_attention_dim=shapes["context_embedder.weight"][1],
+                       timestep_guidance_channels=shapes["time_guidance_embed.timestep_embedder.linear_1.weight"][1],
+                       mlp_ratio=shapes["transformer_blocks.0.ff.linear_out.weight"][1] / dim,
+                       axes_dims_rope=(head_dim // 4,) * 4, pixel_head=pixel_head,
+                       single_tail=singles - tail[0] if tail else 0,
+                       **(l2p_fields(shapes, patch_size, recipe) if pixel_head else {}))
+
+
+@dataclass(frozen=True)
+class DiTFormat:
+    """How one family's transformer checkpoints are told apart and read (see open_checkpoint)."""
+    name: str  # for messages: the family, and what its single files can be
+    files: str
+    class_name: str  # the diffusers class a transformer/config.json must name
+    folder_fields: dict  # config.json values outside what this implementation supports are refused
+    config: type
+    config_from_shapes: Callable  # (diffusers-named shapes, recorded recipe) -> config
+    other_names: str  # the other naming of its single files (ComfyUI's, BFL's): what it is called,
+    other_marker: str  # a key part only that naming has,
+    from_other_names: Callable  # and the (key, tensor) stream that takes it to ours
+
+
+DIT_FORMATS = {
+    "zimage": DiTFormat("Z-Image", "Z-Image or L2P", "ZImageTransformer2DModel",
+                        {"all_patch_size": [2], "all_f_patch_size": [1]}, ZImageConfig, zimage_config_from_shapes,
+                        "ComfyUI", ".attention.qkv.", zimage_from_comfy),
+    "flux2": DiTFormat("FLUX.2", "FLUX.2", "Flux2Transformer2DModel", {"guidance_embeds": False, "patch_size": 1},
+                       Flux2Config, flux2_config_from_shapes, "BFL", "single_stream_modulation.lin.", flux2_from_bfl),
+}
+COMFY_PREFIX = "model.diffusion_model."  # ComfyUI's and some BFL single files prefix every key with it
+TRAINED_FORMAT = "l2p-trained"  # train.py's checkpoints: only the trained tensors, plus where their init is
+
+
+COMPONENT_MARKERS = [("single_stream_modulation.", "a FLUX.2 transformer"),
+                     ("cap_embedder.", "a Z-Image / L2P transformer"),
+                     (".attention.qkv.", "a Z-Image / L2P transformer"),
+                     ("bn.running_mean", "FLUX.2's VAE"), ("decoder.mid", "a FLUX.1 / Z-Image VAE"),
+                     ("embed_tokens.", "a text encoder")]
+
+
+def guess_component(keys: Iterable[str]) -> str:
+    """What a set of checkpoint keys looks like, for error messages."""
+    keys = list(keys)
+    return next((what for part, what in COMPONENT_MARKERS if any(part in k for k in keys)), "an unknown checkpoint")
+
+
+@dataclass
+class DiTCheckpoint:
+    """A DiT checkpoint on disk, of either family: its config, which layout it is in, and its tensors under our
+    (diffusers) names, `rename` taking a single file's own names there (ComfyUI's, BFL's). `trained` (train.py
+    output) overrides the tensors of the same names in `files` (the init)."""
+    cfg: "ZImageConfig | Flux2Config"
+    layout: str
+    files: list[Path]
+    strip_prefix: str = ""
+    rename: Callable | None = None
+    trained: Path | None = None
+
+    def tensors(self, meta: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        tensors = read_tensors(self.files, self.strip_prefix, meta=meta)
+        replaced = set(safetensors_shapes([self.trained])) if self.trained else set()
+        yield from ((k, t) for k, t in (self.rename(tensors) if self.rename else tensors) if k not in replaced)
+        yield from read_tensors([self.trained], meta=meta) if self.trained else ()
+
+
+def trained_metadata(init: Path, trained: Path) -> dict[str, str]:
+    """What a train.py checkpoint records of its init: the path relative to the checkpoint's folder (a run folder
+    moved together with its init still loads) and the init's header fingerprint (a stand-in init is refused)."""
+    return {"format": TRAINED_FORMAT, "init": os.path.relpath(Path(init).resolve(), Path(trained).resolve().parent),
+            "init_header_sha256": header_sha256(init)}
+
+
+def trained_init_path(path: Path, init: Path | None = None) -> Path | None:
+    """For a train.py checkpoint (only the trained tensors), the init checkpoint it completes: `init` if given, else
+    the recorded path (relative to the checkpoint's folder). None for any other checkpoint."""
+    meta = safetensors_metadata(path)
+    if meta.get("format") != TRAINED_FORMAT:
+        return None
+    recorded = path.parent / meta["init"]  # an absolute recorded path (older runs) stays absolute
+    init = Path(init) if init is not None else recorded
+    if not init.exists():
+        raise CheckpointError(f"{path} holds only the trained tensors of a run; its init {recorded} is not there. "
+                              "Pass the checkpoint the run started from (--init), or put it back at that path")
+    expected = meta.get("init_header_sha256")
+    if expected and header_sha256(init) != expected:
+        raise CheckpointError(f"{init} is not the init that {path} was trained from (its header differs); pass the "
+                              "convert.py output the run started from")
+    return init
+
+
+def open_checkpoint(path, init: Path | None = None, family: str | None = None) -> DiTCheckpoint:
+    """A Z-Image, L2P or FLUX.2 transformer checkpoint, family and layout detected, no tensor read: a repo root, a
+    transformer/ folder (one file or shards), or a single file in diffusers names or the family's other naming
+    (ComfyUI's, BFL's), optionally prefixed 'model.diffusion_model.', its config from its shapes. A train.py
+    checkpoint is completed by its init (`init`, or the path it recorded). family: insist on 'zimage' or 'flux2'."""
+    path = Path(path)
+    if path.is_dir():
+        folder = component_dir(path, "transformer")
+        if not (folder / "config.json").exists():
+            raise CheckpointError(f"{path} is neither a {DIT_FORMATS[family or 'zimage'].name} repo root (with "
+                                  "transformer/) nor a component folder (config.json + safetensors); pass one of "
+                                  "those or a single .safetensors file")
+        raw = json.loads((folder / "config.json").read_text())
+        fmt = DIT_FORMATS[family or next((f for f, d in DIT_FORMATS.items() if d.class_name == raw.get("_class_name")),
+                                         "zimage")]
+        if raw.get("_class_name", fmt.class_name) != fmt.class_name:
+            raise CheckpointError(f"{folder}/config.json describes a {raw['_class_name']}, not a {fmt.name} "
+                                  f"transformer ({fmt.class_name}); pass the {fmt.name} repo root or its "
+                                  "transformer/ folder")
+        implemented = fmt.folder_fields | {"out_channels": raw.get("in_channels")}
+        unsupported = {k: raw[k] for k, ok in implemented.items() if raw.get(k, ok) not in (ok, None)}
+        if unsupported:
+            raise CheckpointError(f"{folder}/config.json: {unsupported} is not an architecture this {fmt.name} "
+                                  "transformer implements")
+        return DiTCheckpoint(config_from_json(fmt.config, folder / "config.json"), "diffusers folder",
+                             safetensors_files(folder))
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise CheckpointError(f"{path} does not exist" if not path.exists() else
+                              f"{path}: expected a folder or a .safetensors file")
+    trained_from = trained_init_path(path, init)
+    if trained_from is not None:
+        base = open_checkpoint(trained_from, family=family)
+        return replace(base, layout=f"{base.layout} + trained tensors of {path.name}", trained=path)
+    shapes = safetensors_shapes([path])
+    strip = COMFY_PREFIX if shapes and all(k.startswith(COMFY_PREFIX) for k in shapes) else ""
+    shapes = {k.removeprefix(strip): s for k, s in shapes.items()}
+    family = family or ("flux2" if any(k.startswith("single_stream_modulation") for k in shapes) else "zimage")
+    fmt = DIT_FORMATS[family]
+    other = any(fmt.other_marker in k for k in shapes)
+    names = renamed_shapes(shapes, fmt.from_other_names) if other else shapes
+    pixel = any(k.startswith("local_decoder.") for k in names)
+    layout = describe_layout("L2P pixel checkpoint" if pixel else "single file",
+                             fmt.other_names if other else "diffusers", strip)
+    try:
+        cfg = fmt.config_from_shapes(names, safetensors_metadata(path).get("l2p_recipe"))
+    except (KeyError, StopIteration):
+        raise CheckpointError(f"{path} (read as {layout}) is not a {fmt.files} transformer: it looks like "
+                              f"{guess_component(shapes)} ({len(shapes)} keys, first: {list(shapes)[:4]}). Pass a "
+                              f"{fmt.name} repo root, its transformer/ folder or a single file") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} ({layout}): {e}") from None
+    return DiTCheckpoint(cfg, layout, [path], strip, fmt.from_other_names if other else None)
+
+
+def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16, init: Path | None = None
+               ) -> "ZImageDiT | Flux2DiT":
+    """A Z-Image DiT, an L2P pixel model or a FLUX.2 DiT (forward(x, sigma, cap, cap_mask) -> v) from anything
+    open_checkpoint reads, built on meta and filled tensor by tensor, in `dtype` (the released L2P files mix dtypes)."""
+    checkpoint = open_checkpoint(path, init)
+    with torch.device("meta"):
+        model = new_model(checkpoint.cfg)
+    return assign_weights(model, checkpoint.tensors(), checkpoint.layout, device=device, dtype=dtype).eval()
+
+
+# The LDM names of FLUX.1's and FLUX.2's ae.safetensors -> ours (diffusers'); BFL keeps FLUX.2's 1x1 quant convs
+# inside the encoder and decoder, diffusers at the top.
+LDM_VAE_NAMES = [
+    (r"\.norm_out\.", ".conv_norm_out."),
+    (r"\.nin_shortcut\.", ".conv_shortcut."),
+    (r"\.down\.(\d+)\.block\.", r".down_blocks.\1.resnets."),
+    (r"\.down\.(\d+)\.downsample\.", r".down_blocks.\1.downsamplers.0."),
+    (r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}."),
+    (r"\.mid\.attn_1\.norm\.", ".mid_block.attentions.0.group_norm."),
+    (r"\.mid\.attn_1\.([qkv])\.", r".mid_block.attentions.0.to_\1."),
+    (r"\.mid\.attn_1\.proj_out\.", ".mid_block.attentions.0.to_out.0."),
+    (r"^encoder\.quant_conv\.", "quant_conv."),
+    (r"^decoder\.post_quant_conv\.", "post_quant_conv."),
+]
+
+
+def vae_from_ldm(tensors: Iterable[tuple[str, torch.Tensor]], levels: int = 4) -> Iterator[tuple[str, torch.Tensor]]:
+    """(LDM key, tensor) -> ours, prefix already stripped; `levels` = len(block_out_channels): LDM numbers decoder
+    levels from the image end, diffusers from the latent end."""
+    up = lambda m: f".up_blocks.{levels - 1 - int(m[1])}.{'resnets' if m[2] == 'block' else 'upsamplers.0'}."
+    for key, tensor in renamed(tensors, LDM_VAE_NAMES + [(r"\.up\.(\d+)\.(block|upsample)\.", up)]):
+        yield key, tensor.flatten(1) if ".attentions.0.to_" in key and tensor.ndim == 4 else tensor  # 1x1 convs
+
+
+def flux_vae_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> FluxVAEConfig:
+    """The architecture of a config-less FLUX.1 VAE file (diffusers names) from its shapes. GroupNorm's group count
+    is not in the shapes: every published LDM VAE uses 32. The latent normalisation is not either: FLUX.1's."""
+    levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down_blocks."))
+    channels = tuple(shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(levels))
+    if any(c % 32 for c in channels):
+        raise CheckpointError(f"a VAE with channels {channels} cannot use 32 GroupNorm groups; put its config.json "
+                              "beside it (a diffusers vae/ folder) or pass load_vae(config=...)")
+    return FluxVAEConfig(in_channels=shapes["encoder.conv_in.weight"][1],
+                         out_channels=shapes["decoder.conv_out.weight"][0], latent_channels=shapes["decoder.conv_in.weight"][1], block_out_channels=channels,
+                         layers_per_block=count_blocks(shapes, "encoder.down_blocks.0.resnets"))
+
+
+# Per family: the diffusers class of its vae/ folder, the modules, and the config.json values they implement
+VAE_FORMATS = {"zimage": ("FLUX.1", "AutoencoderKL", FluxVAE, FluxVAEConfig, {}),
+               "flux2": ("FLUX.2", "AutoencoderKLFlux2", Flux2VAE, Flux2VAEConfig,
+                         {"use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
+                          "act_fn": "silu"})}
+
+
+def load_vae(path, device="cpu", dtype=torch.float32, config=None, family: str | None = None
+             ) -> "FluxVAE | Flux2VAE":
+    """FLUX.1's autoencoder (Z-Image's) or FLUX.2's, from a repo root (with vae/), a diffusers vae folder (config.json
+    + one file or shards), or one .safetensors file in diffusers or LDM / BFL (ae.safetensors) names, optionally
+    prefixed 'first_stage_model.' or 'vae.'. family: 'zimage' or 'flux2' insists on one; by default a folder's class,
+    or a file's bn statistics (FLUX.2's latent normalisation), decide. config: by default the folder's config.json;
+    a single file's is read from its shapes (FLUX.1) or is FLUX.2's. bn.num_batches_tracked (a count of training
+    batches) is not read. device="meta" reads the headers alone (the architecture, no weights).
+    """
+    path = component_dir(path, "vae")
+    if not (path.is_dir() or path.suffix == ".safetensors" and path.is_file()):
+        raise CheckpointError(f"{path}: expected a repo root, a vae folder or an existing .safetensors file")
+    config_file = path / "config.json"
+    raw = json.loads(config_file.read_text()) if config_file.exists() else None
+    files = safetensors_files(path) if path.is_dir() else [path]
+    shapes = safetensors_shapes(files)
+    family = family or ("flux2" if ((raw or {}).get("_class_name") == "AutoencoderKLFlux2" if path.is_dir() else
+                                    any(k.endswith("bn.running_mean") for k in shapes)) else "zimage")
+    name, class_name, cls, config_cls, implemented = VAE_FORMATS[family]
+    if raw is None and path.is_dir() and family == "flux2":
+        raise CheckpointError(f"{path} has no config.json: pass the FLUX.2 repo root, its vae/ folder, or BFL's "
+                              "ae.safetensors")
+    if raw is not None and raw.get("_class_name", class_name) != class_name:
+        raise CheckpointError(f"{config_file} describes a {raw['_class_name']}, not {name}'s {class_name}")
+    implemented = implemented | {"decoder_block_out_channels": (raw or {}).get("block_out_channels")}
+    unsupported = {k: raw[k] for k, ok in implemented.items() if raw and raw.get(k, ok) not in (ok, None)}
+    if unsupported:
+        raise CheckpointError(f"{config_file}: {unsupported} is not an architecture this VAE implements")
+    prefix = next((p for p in ("", "first_stage_model.", "vae.") if f"{p}decoder.conv_in.weight" in shapes), None)
+    if prefix is None:
+        raise CheckpointError(f"not a VAE checkpoint: none of its {len(shapes)} tensors is a VAE decoder's (first "
+                              f"keys: {sorted(shapes)[:3]}). Pass the repo root, its vae/ folder, or ae.safetensors")
+    ldm = f"{prefix}decoder.mid.block_1.conv1.weight" in shapes
+    layout = describe_layout("folder" if path.is_dir() else "single file",
+                             ("BFL" if family == "flux2" else "LDM") if ldm else "diffusers", prefix)
+    names = {k.removeprefix(prefix): s for k, s in shapes.items()}
+    levels = 1 + max(int(k.split(".")[2]) for k in names if k.startswith(("encoder.down.", "encoder.down_blocks.")))
+    tensors = read_tensors(files, strip_prefix=prefix, meta=torch.device(device).type == "meta")
+    tensors = vae_from_ldm(tensors, levels) if ldm else tensors
+    if family == "flux2":
+        if "bn.running_mean" not in names:
+            raise CheckpointError(f"{path} ({layout}) has no bn.running_mean: it looks like {guess_component(shapes)}, "
+                                  "not FLUX.2's VAE")
+        tensors = chain(((k, t) for k, t in tensors if k != "bn.num_batches_tracked"),
+                        [("bn.num_batches_tracked", torch.tensor(0))])
+    if config is None and raw is not None:
+        config = config_from_json(config_cls, config_file)
+    elif config is None:
+        names = renamed_shapes(names, partial(vae_from_ldm, levels=levels)) if ldm else names
+        config = Flux2VAEConfig() if family == "flux2" else flux_vae_config_from_shapes(names)
+    with torch.device("meta"):
+        vae = cls(config)
+    return assign_weights(vae, tensors, layout, device=device, dtype=dtype).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2149,6 +1975,47 @@ def atomic_write(path: Path, data: "bytes | Callable[[BinaryIO], object]") -> No
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def header_sha256(file: Path) -> str:
+    """A fingerprint of a .safetensors file read from its header alone (names, dtypes, shapes, offsets, metadata)."""
+    with open(file, "rb") as f:
+        return hashlib.sha256(f.read(8 + int.from_bytes(f.read(8), "little"))).hexdigest()
+
+
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None,
+                      specs: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a .safetensors file atomically (temp file + rename), streaming: one tensor in memory at a time.
+
+    The header comes first in the format, so a streamed write needs `specs` (key -> a meta tensor with the dtype
+    and shape, in the order `tensors` will yield them); without specs, `tensors` is a dict and is its own spec.
+    """
+    if specs is None:
+        specs = dict(tensors)
+        tensors = specs.items()
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": dict(metadata or {})}, 0
+    for key, spec in specs.items():
+        size = spec.numel() * spec.element_size()
+        header[key] = {"dtype": names[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+
+    def write(f):
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        order = iter(specs.items())
+        for key, tensor in tensors:
+            expected_key, spec = next(order, (None, None))
+            if key != expected_key or tensor.dtype != spec.dtype or tensor.shape != spec.shape:
+                raise ValueError(f"tensor {key} {tensor.dtype} {tuple(tensor.shape)} does not follow the header "
+                                 f"({expected_key})")
+            f.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+        if next(order, None) is not None:
+            raise ValueError(f"{path}: fewer tensors than the header announced")
+
+    atomic_write(path, write)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -166,9 +166,9 @@ def test_real_size_comfy_layout_maps_onto_diffusers_names():
     single = read_format("zimage-transformer-single-file")
     meta = ((model.COMFY_PREFIX + k, torch.empty(s, device="meta")) for k, s in single.items())
     stripped = ((k.removeprefix(model.COMFY_PREFIX), t) for k, t in meta)
-    mapped = {k: tuple(t.shape) for k, t in model.zimage_from_comfy(stripped, patch_size=2)}
+    mapped = {k: tuple(t.shape) for k, t in model.zimage_from_comfy(stripped)}
     assert mapped == read_format("zimage-transformer")
-    assert model.zimage_config_from_shapes(mapped, 2, 16) == model.ZImageConfig()
+    assert model.zimage_config_from_shapes(mapped) == model.ZImageConfig()
 
 
 PEAK_RSS_SCRIPT = """

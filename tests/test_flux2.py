@@ -134,7 +134,7 @@ def test_repo_root_and_sharded_folder(ref, tmp_path):
     (root / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline", "is_distilled": True}))
     assert len(list((root / "transformer").glob("*.safetensors"))) >= 3
     assert (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
-    assert flux2.detect_family(root) == "flux2"
+    assert flux2.open_checkpoint(root).cfg.family == "flux2"
     ours = flux2.load_model(root, dtype=torch.float32)  # the dispatching load_model
     assert isinstance(ours, flux2.Flux2DiT)
     x, sigma, cap, mask = inputs(h=6, w=2, L=40)
@@ -157,8 +157,8 @@ def test_bfl_single_file(ref, tmp_path, prefix):
     # Fails (rel 5e-2) when flux2_from_bfl does not swap the final adaLN's [shift; scale] halves: checked by hand.
     path = tmp_path / "flux-2-klein-4b.safetensors"
     save_file(to_bfl(ref.state_dict(), prefix), str(path))
-    assert flux2.detect_family(path) == "flux2"
-    checkpoint = flux2.open_flux2_checkpoint(path)
+    assert flux2.open_checkpoint(path).cfg.family == "flux2"
+    checkpoint = flux2.open_checkpoint(path, family="flux2")
     assert checkpoint.layout == "single file, BFL names" + (f", prefix '{prefix}'" if prefix else "")
     assert checkpoint.cfg == TINY_CFG
     ours = flux2.load_model(path, dtype=torch.float32)
@@ -225,19 +225,19 @@ def test_wrong_files_name_the_layout_seen(ref, tmp_path):
     save_file(to_comfy(zimage.state_dict(), prefix="model.diffusion_model."), str(tmp_path / "z_image.safetensors"))
     with pytest.raises(model.CheckpointError, match=r"single file, diffusers names, prefix 'model\.diffusion_model\.'"
                                                     r"\) is not a FLUX\.2 transformer: it looks like a Z-Image"):
-        flux2.open_flux2_checkpoint(tmp_path / "z_image.safetensors")
+        flux2.open_checkpoint(tmp_path / "z_image.safetensors", family="flux2")
     zimage.save_pretrained(tmp_path / "zimage" / "transformer")
-    assert flux2.detect_family(tmp_path / "zimage") == "zimage"
+    assert flux2.open_checkpoint(tmp_path / "zimage").cfg.family == "zimage"
     with pytest.raises(model.CheckpointError, match="ZImageTransformer2DModel, not a FLUX.2 transformer"):
-        flux2.open_flux2_checkpoint(tmp_path / "zimage")
+        flux2.open_checkpoint(tmp_path / "zimage", family="flux2")
 
     vae = make_ref_vae()
     vae.save_pretrained(tmp_path / "vae")
     with pytest.raises(model.CheckpointError, match="describes a AutoencoderKLFlux2, not a FLUX.2 transformer"):
-        flux2.open_flux2_checkpoint(tmp_path / "vae")
+        flux2.open_checkpoint(tmp_path / "vae", family="flux2")
     with pytest.raises(model.CheckpointError, match=r"single file, diffusers names\) is not a FLUX\.2 transformer: "
                                                     r"it looks like FLUX\.2's VAE"):
-        flux2.open_flux2_checkpoint(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+        flux2.open_checkpoint(tmp_path / "vae" / "diffusion_pytorch_model.safetensors", family="flux2")
     ref.save_pretrained(tmp_path / "transformer")
     with pytest.raises(model.CheckpointError, match="describes a Flux2Transformer2DModel, not FLUX.2's "
                                                     "AutoencoderKLFlux2"):
@@ -354,7 +354,7 @@ def test_vae_real_size_bfl_names_map_onto_diffusers_names():
             name = ("encoder." if name.startswith("quant_conv.") else "decoder.") + name
         bfl[name] = shape + (1, 1) if ".attn_1." in name and len(shape) == 2 else shape
     assert "encoder.mid.attn_1.q.weight" in bfl and "decoder.up.3.upsample.conv.weight" in bfl
-    mapped = dict(flux2.flux2_vae_from_bfl((k, torch.empty(s, device="meta")) for k, s in bfl.items()))
+    mapped = dict(flux2.vae_from_ldm((k, torch.empty(s, device="meta")) for k, s in bfl.items()))
     assert {k: tuple(t.shape) for k, t in mapped.items()} == table
 
 

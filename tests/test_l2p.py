@@ -157,7 +157,7 @@ def test_released_layout_with_mixed_dtypes_loads_and_runs(converted, tmp_path):
     ours = model.load_model(path, dtype=torch.bfloat16)
     cap, mask = captions((4,))
     v = ours(torch.randn(1, 3, 32, 32), torch.tensor([0.5]), cap, mask)
-    assert torch.isfinite(v).all() and "L2P pixel checkpoint" in model.open_zimage_checkpoint(path).layout
+    assert torch.isfinite(v).all() and "L2P pixel checkpoint" in model.open_checkpoint(path).layout
 
 
 @pytest.mark.parametrize("patch,levels", [(32, 5), (64, 6), (128, 7)])

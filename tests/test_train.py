@@ -167,7 +167,7 @@ def test_loss_falls_frozen_tensors_stay_bit_identical_and_samples_are_written(in
     assert meta["format"] == model.TRAINED_FORMAT and meta["step"] == "24"
     assert (trained.parent / meta["init"]).resolve() == init.resolve() and not Path(meta["init"]).is_absolute()
     with torch.device("meta"):
-        policy = model.ZImageDiT(model.open_zimage_checkpoint(init).cfg)
+        policy = model.ZImageDiT(model.open_checkpoint(init).cfg)
     model.set_trainable(policy, train_blocks=1)
     assert keys == {n for n, p in policy.named_parameters() if p.requires_grad}
     start, loaded = load_file(str(init)), model.load_model(trained, dtype=torch.float32).state_dict()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import CheckpointError, FluxVAE, FluxVAEConfig, flux_vae_from_ldm, load_vae
+from model import CheckpointError, FluxVAE, FluxVAEConfig, vae_from_ldm, load_vae
 from tiny import read_format
 from tiny_vae import TINY_VAE_CONFIG, save_tiny_vae, write_ae_safetensors
 
@@ -34,7 +34,7 @@ def test_real_size_names_and_shapes_match_published_vae():
 
 def test_ldm_names_of_ae_safetensors_map_onto_diffusers_names():
     ldm = read_format("flux-vae-single-file")
-    mapped = dict(flux_vae_from_ldm((k, torch.empty(s, device="meta")) for k, s in ldm.items()))
+    mapped = dict(vae_from_ldm((k, torch.empty(s, device="meta")) for k, s in ldm.items()))
     assert len(mapped) == len(ldm)  # no two LDM names land on one key
     assert shapes(mapped) == read_format("flux-vae")
 
