@@ -20,7 +20,6 @@ checkpoint (for Z-Image in the released L2P layout, which other L2P code can loa
 """
 
 import argparse
-import json
 import time
 from itertools import chain
 from dataclasses import replace
@@ -103,24 +102,24 @@ ALIGN_BATCH = 8  # images of one size encoded together by the VAE
 
 
 def read_align_images(folder: Path, count: int, patch: int):
-    """The first `count` images of a synth.py output (its metadata.jsonl order) or of a folder (sorted), each as
-    [1, 3, H, W] in [-1, 1], centre-cropped to a multiple of the patch (the fit reads whole patches only)."""
-    if (folder / "metadata.jsonl").exists():
-        names = [json.loads(line)["file_name"] for line in (folder / "metadata.jsonl").read_text().splitlines()
-                 if line.strip()]
+    """The first `count` images of a synth.py output or a train.py data folder (metadata order), else of a folder of
+    images (sorted), each as [1, 3, H, W] in [-1, 1], centre-cropped to a multiple of the patch (the fit reads whole
+    patches only)."""
+    if (folder / "metadata.jsonl").exists() or (folder / "metadata.csv").exists():
+        names = [record.image for record in model.find_records(folder)]
     else:
-        names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        names = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not names:
         raise SystemExit(f"--align-data {folder}: no images (a synth.py output, or a folder of .png / .jpg files)")
     for name in names[:count]:
         try:
-            with Image.open(folder / name) as image:
+            with Image.open(name) as image:
                 pixels = np.asarray(image.convert("RGB"))
         except (OSError, SyntaxError, ValueError) as e:
-            raise SystemExit(f"--align-data: cannot read {folder / name} ({e}); remove it or fix it") from None
+            raise SystemExit(f"--align-data: cannot read {name} ({e}); remove it or fix it") from None
         h, w = pixels.shape[0] // patch * patch, pixels.shape[1] // patch * patch
         if not h or not w:
-            raise SystemExit(f"--align-data: {folder / name} is smaller than one {patch} x {patch} patch")
+            raise SystemExit(f"--align-data: {name} is smaller than one {patch} x {patch} patch")
         top, left = (pixels.shape[0] - h) // 2, (pixels.shape[1] - w) // 2
         crop = np.array(pixels[top:top + h, left:left + w])
         yield torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 127.5 - 1

@@ -19,18 +19,21 @@ Sections
   7. Loading        safetensors reads, the published layouts renamed to ours, meta-device init + assign:
                     open_checkpoint / load_model (Z-Image, L2P, FLUX.2; every published layout), load_vae
   8. Sampling       shifted sigma grid, per-seed noise, Euler sampler with CFG, generate, the sources' presets
-  9. I/O            atomic writes (write_safetensors streams), PNG and grids, the caption-feature cache, processes
-                    (torchrun), peak memory
+  9. I/O            atomic writes (write_safetensors streams), PNG and grids, the caption-feature cache, training
+                    data (synth.py output, metadata.jsonl / .csv folders, webdataset shards), processes (torchrun)
  10. Memory plan    train.py's bytes per process by mode (standard, low memory, ZeRO) and the mode that fits
 """
 
+import csv
 import hashlib
+import io
 import json
 import math
 import os
 import re
 import resource
 import sys
+import tarfile
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
@@ -44,7 +47,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, PngImagePlugin
+from torch.nn.utils.rnn import pad_sequence
+from PIL import Image, ImageOps, PngImagePlugin
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
@@ -2082,6 +2086,138 @@ def encode_to_cache(text_encoder, prompts: list[str], folder: Path | None, devic
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     return features
+
+
+CAPTION_FIELDS = ("prompt", "text", "caption")
+
+
+@dataclass
+class Record:
+    """One training sample on disk; a tar member is `image` (the shard) at byte `offset`, `size` bytes long."""
+    image: str
+    caption: str
+    features: str | None = None  # the caption-feature cache file (model.caption_features_path)
+    offset: int = 0
+    size: int = -1
+    name: str = ""  # how the log names it
+
+
+def records_from_metadata(folder: Path) -> list[Record]:
+    """synth.py output or a DiffSynth-style folder: metadata.jsonl (preferred) or metadata.csv, paths relative to it."""
+    jsonl, table = folder / "metadata.jsonl", folder / "metadata.csv"
+    rows = []
+    if jsonl.exists():
+        for i, line in enumerate(jsonl.read_text().splitlines()):
+            try:
+                rows += [(f"{jsonl}:{i + 1}", json.loads(line))] if line.strip() else []
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{jsonl}:{i + 1} is not JSON ({e}); fix or remove that line") from None
+    else:
+        with open(table, newline="") as f:
+            rows = [(f"{table}:{i + 2}", row) for i, row in enumerate(csv.DictReader(f))]
+    records = []
+    for where, row in rows:
+        image = row.get("file_name") or row.get("image")
+        caption = next((str(row[f]) for f in CAPTION_FIELDS if row.get(f) not in (None, "")), None)
+        if not image or caption is None:
+            raise SystemExit(f"{where}: no image file or no caption (the row has {sorted(row)}); each row needs "
+                             "file_name or image, and prompt, text or caption")
+        features = row.get("features") and str(folder / row["features"])
+        records.append(Record(str(folder / image), caption, features, name=image))
+    return records
+
+
+def records_from_shards(shards: list[Path]) -> list[Record]:
+    """Webdataset tar shards: members sharing a key (path up to the first dot of the file name) form a sample, an
+    image and a caption (.txt, or .json with prompt/caption/text). Images are read in place later, by offset."""
+    records, incomplete = [], 0
+    for shard in shards:
+        try:
+            tar = tarfile.open(shard, "r:")  # uncompressed only: members are then read by offset, in any order
+        except tarfile.ReadError as e:
+            raise SystemExit(f"{shard}: not an uncompressed tar ({e}); webdataset shards are plain .tar") from None
+        samples: dict[str, dict] = {}
+        with tar:
+            for member in (m for m in tar if m.isfile()):
+                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                sample = samples.setdefault(member.name.rpartition("/")[0] + "/" + key, {})
+                if ext.lower() in ("jpg", "jpeg", "png", "webp"):
+                    sample["image"] = member
+                elif ext.lower() in ("txt", "json"):
+                    text = tar.extractfile(member).read().decode("utf-8")
+                    meta = json.loads(text) if ext.lower() == "json" else {"caption": text.strip()}
+                    sample["caption"] = next((str(meta[f]) for f in CAPTION_FIELDS if meta.get(f)), None)
+        for sample in samples.values():
+            if sample.get("image") is None or not sample.get("caption"):
+                incomplete += 1
+                continue
+            member = sample["image"]
+            records.append(Record(str(shard), sample["caption"], offset=member.offset_data, size=member.size,
+                                  name=f"{shard.name}:{member.name}"))
+    if incomplete:
+        print(f"data: {incomplete} keys in the shards lack an image or a caption and are left out")
+    return records
+
+
+def find_records(data: Path) -> list[Record]:
+    """Every sample of --data, in a fixed order (file order, shards sorted by name)."""
+    if (data / "metadata.jsonl").exists() or (data / "metadata.csv").exists():
+        records = records_from_metadata(data)
+    else:
+        shards = [data] if data.suffix == ".tar" else sorted(data.glob("*.tar")) if data.is_dir() else []
+        if not shards:
+            raise SystemExit(f"--data {data}: found no metadata.jsonl, no metadata.csv and no *.tar shards. Pass a "
+                             "synth.py output, a folder of images with metadata.jsonl/.csv (file_name + prompt), or "
+                             "a folder of webdataset .tar shards")
+        records = records_from_shards(shards)
+    if not records:
+        raise SystemExit(f"--data {data} holds no sample")
+    return records
+
+
+def load_image(record: Record, res: int) -> torch.Tensor:
+    """[3, res, res] fp32 in [-1, 1]: the shorter side resized to res (Lanczos), then the centre crop."""
+    with open(record.image, "rb") as f:
+        f.seek(record.offset)
+        data = f.read(record.size)
+    with Image.open(io.BytesIO(data)) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+    scale = res / min(image.size)
+    if scale != 1:
+        image = image.resize([max(res, round(side * scale)) for side in image.size], Image.Resampling.LANCZOS)
+    left, top = (image.width - res) // 2, (image.height - res) // 2
+    pixels = np.asarray(image.crop((left, top, left + res, top + res)), dtype=np.uint8)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Item (record index, global position) -> the image at --res and its caption features. An image that does not
+    decode gives a zero image of weight 0 (every process keeps running the same passes) and the error, for the log."""
+
+    def __init__(self, records: list[Record], res: int):
+        self.records, self.res = records, res
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        index, position = item
+        try:
+            image, error = load_image(self.records[index], self.res), None
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError... on bad files
+            image, error = torch.zeros(3, self.res, self.res), f"{type(e).__name__}: {e}"
+        cap = read_caption_features(Path(self.records[index].features)).float()
+        return dict(index=index, position=position, image=image, error=error, cap=cap)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack a micro-batch; captions of different lengths are right-padded with zero rows and masked."""
+    caps = [s["cap"] for s in samples]
+    return dict(image=torch.stack([s["image"] for s in samples]), cap=pad_sequence(caps, batch_first=True),
+                cap_mask=pad_sequence([torch.ones(len(c), dtype=torch.bool) for c in caps], batch_first=True),
+                weight=torch.tensor([float(s["error"] is None) for s in samples]),
+                position=[s["position"] for s in samples],
+                errors=[(s["index"], s["error"]) for s in samples if s["error"] is not None])
 
 
 def init_distributed(device: str | None) -> tuple[int, int, torch.device]:

@@ -130,9 +130,9 @@ def test_a_lifted_init_trains_on_its_samplers_states_with_the_x0_error(repo, syn
     (x, sigma, v, kwargs), = calls
     assert kwargs == {"span_detail": True}
     # the state written out: each image's part in the lift's span replaced by s basis^T (its VAE latent tokens)
-    records = train.find_records(synth)
+    records = model.find_records(synth)
     order = list(train.sample_order(len(records), 4, 0, 1, 0, 0, 1))
-    x0 = torch.stack([train.load_image(records[i], 32) for i, _ in order])
+    x0 = torch.stack([model.load_image(records[i], 32) for i, _ in order])
     eps = torch.stack([torch.randn(3, 32, 32, generator=train.seeded(0, "noise", p)) for _, p in order])
     net, vae = model.load_model(init, dtype=torch.float32), model.load_vae(repo)
     basis, scale = net.lift.basis.double(), net.lift.scale.double()
@@ -224,8 +224,8 @@ def test_a_moved_run_folder_samples_and_a_stand_in_init_is_refused(repo, synth, 
 def fixed_sigma_loss(checkpoint: Path, data: Path) -> float:
     """The objective on every image at sigma 0.2, 0.5 and 0.8 with fixed noise (written here independently)."""
     net = model.load_model(checkpoint, dtype=torch.float32)
-    records = train.find_records(data)
-    batch = train.collate([train.ImageCaptionDataset(records, 32)[(i, i)] for i in range(len(records))])
+    records = model.find_records(data)
+    batch = model.collate([model.ImageCaptionDataset(records, 32)[(i, i)] for i in range(len(records))])
     x0 = batch["image"]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(123))
     losses = []
@@ -373,9 +373,9 @@ def test_folder_layouts_with_the_text_encoder_and_tar_shards(repo, init, tmp_pat
             tar.addfile(info, io.BytesIO(data))
 
     for data, n in ((csv_dir, 3), (jsonl_dir, 2), (shards, 4)):
-        records = train.find_records(data)
+        records = model.find_records(data)
         assert len(records) == n and all(r.caption for r in records)
-        image = train.load_image(records[-1], 32)
+        image = model.load_image(records[-1], 32)
         assert image.shape == (3, 32, 32) and -1 <= image.min() < image.max() <= 1
         out = tmp_path / f"run-{data.name}"
         run(init, data, out, "--max-steps", "2", "--text-encoder", str(repo), "--sample-every", "2",
