@@ -1391,11 +1391,7 @@ def safetensors_metadata(file: Path) -> dict[str, str]:
 
 def safetensors_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
     """Key -> shape of every tensor in the files, from the headers alone."""
-    shapes = {}
-    for file in files:
-        with open_safetensors(file) as f:
-            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-    return shapes
+    return {k: tuple(t.shape) for k, t in read_tensors(files, meta=True)}
 
 
 def read_tensors(files: Iterable[Path], strip_prefix: str = "", meta: bool = False
