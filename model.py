@@ -1164,11 +1164,12 @@ class TextEncoder:
       and causal attention the real tokens never see the pads, so padding to the longest prompt gives the same rows
       for a fraction of the compute.
     flux2: hidden_states[layers] side by side (3 x 2560 = 7680 features), chat template without thinking, always
-      L = 512 and an all-True mask: the FLUX.2 DiT attends to every position, and a pad's features depend on the
-      prompt (pads attend causally to it), so they are part of the condition. Same as diffusers'
-      Flux2KleinPipeline._get_qwen3_prompt_embeds.
+      L = max_length and an all-True mask: the FLUX.2 DiT attends to every position, and a pad's features depend on
+      the prompt (pads attend causally to it), so they are part of the condition. Same as diffusers'
+      Flux2KleinPipeline._get_qwen3_prompt_embeds(max_sequence_length=max_length).
+    max_length: 512 (both pipelines' default), or the smaller model_max_length a repo's tokenizer_config.json
+    declares: the caption length is part of a text recipe, and a toy source trains on a short one.
     """
-    max_length = 512
 
     def __init__(self, tokenizer, model: "Qwen3Model", family: str = "zimage",
                  layers: tuple[int, ...] = FLUX2_TEXT_LAYERS):
@@ -1178,6 +1179,7 @@ class TextEncoder:
             raise ValueError(f"hidden states {layers} need {max(layers)} decoder layers; the model has "
                              f"{len(model.layers)}")
         self.tokenizer, self.model, self.family, self.layers = tokenizer, model, family, tuple(layers)
+        self.max_length = min(512, tokenizer.model_max_length)
         self.tokenizer.padding_side = "right"  # real tokens first: the rows the DiT and the reference keep
 
     @torch.no_grad()  # not inference_mode: the features feed DiT training graphs, which must be able to save them

@@ -3,6 +3,7 @@ checkpoints in the published layouts; nothing is downloaded), and the real-size 
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -388,6 +389,24 @@ def test_text_features_match_klein_pipeline(tiny_text, layers):
     assert cap.dtype == torch.float32 and mask.dtype == torch.bool and mask.all()
     assert rel(cap, expected) < 1e-5
     assert rel(cap[1], expected[1]) < 1e-5  # the empty (negative) prompt too
+
+
+def test_a_short_caption_length_declared_by_the_repo_is_the_recipes(tiny_text, tmp_path):
+    """A toy source declares its caption length in its tokenizer_config.json (model_max_length); the flux2 recipe
+    then pads and truncates to it, as Flux2KleinPipeline does with that max_sequence_length."""
+    from diffusers import Flux2KleinPipeline
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    root = shutil.copytree(tiny_text["root"], tmp_path / "short")
+    config = root / "tokenizer" / "tokenizer_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"model_max_length": 24}))
+    cap, mask = flux2.load_text_encoder(root, dtype=torch.float32, layers=(1, 2, 3)).encode(PROMPTS)
+    expected = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+        Qwen3ForCausalLM.from_pretrained(tiny_text["text_encoder"], dtype=torch.float32),
+        AutoTokenizer.from_pretrained(tiny_text["tokenizer"]), list(PROMPTS), max_sequence_length=24,
+        hidden_states_layers=(1, 2, 3))
+    assert cap.shape == expected.shape == (len(PROMPTS), 24, 3 * tiny_text["hidden_size"]) and mask.all()
+    assert rel(cap, expected) < 1e-5
 
 
 def test_zimage_recipe_is_the_default_without_a_flux2_model_index(tiny_text, tmp_path):
