@@ -2218,6 +2218,49 @@ def collate(samples: list[dict]) -> dict:
                 errors=[(s["index"], s["error"]) for s in samples if s["error"] is not None])
 
 
+def prompt_column(columns, where: str) -> str:
+    column = next((c for c in CAPTION_FIELDS if c in columns), None)
+    if column is None:
+        raise SystemExit(f"{where}: no prompt column; expected one of {', '.join(CAPTION_FIELDS)}, found "
+                         f"{sorted(columns) or 'none'}")
+    return column
+
+
+def read_prompt_file(spec: str) -> list[str]:
+    """--prompts of synth.py and sample.py: a .jsonl / .csv file with a prompt, text or caption column, or a text file
+    with one prompt per line; blank prompts are skipped, no prompt at all is refused."""
+    path = Path(spec)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--prompts {spec}: cannot read it ({e}). Pass a UTF-8 text file (one prompt per line), "
+                         f"or a .jsonl or .csv file with a {'/'.join(CAPTION_FIELDS)} column") from None
+    if path.suffix.lower() == ".jsonl":
+        prompts = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"--prompts {spec}, line {number}: not valid JSON ({e})") from None
+            row = row if isinstance(row, dict) else {}
+            prompts.append(str(row[prompt_column(row, f'--prompts {spec}, line {number}')]))
+    elif path.suffix.lower() == ".csv":
+        try:
+            reader = csv.DictReader(io.StringIO(text))
+            column = prompt_column(reader.fieldnames or [], f"--prompts {spec}")
+            prompts = [row[column] or "" for row in reader]
+        except csv.Error as e:
+            raise SystemExit(f"--prompts {spec}: not a readable CSV file ({e})") from None
+    else:
+        prompts = text.splitlines()
+    prompts = [p.strip() for p in prompts if p.strip()]
+    if not prompts:
+        raise SystemExit(f"--prompts {spec}: it holds no prompt (empty, or only blank lines / blank prompt cells)")
+    return prompts
+
+
 def init_distributed(device: str | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE > 1) the process group is started:
     NCCL on GPUs, gloo on CPUs; a bare --device cuda means this process's GPU, cuda:LOCAL_RANK."""

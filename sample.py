@@ -32,7 +32,8 @@ def parse_args(argv=None):
     parser.add_argument("--text-encoder", help="the source repo root or its text_encoder/ folder (the Qwen3 prompt "
                                                "encoder); defaults to the --latent repo when that is given")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
-    parser.add_argument("--prompts", help="a text file with one prompt per line")
+    parser.add_argument("--prompts", help="a text file with one prompt per line, or a .jsonl / .csv file with a "
+                                          "prompt, text or caption column")
     parser.add_argument("--negative-prompt", default="", help="negative prompt for CFG (the release uses '')")
     parser.add_argument("--res", type=int, help="square size in pixels; default 1024 per 16 pixels of patch "
                                                 "(1024 at patch 16, 4096 at patch 64)")
@@ -75,15 +76,7 @@ def parse_args(argv=None):
 
 
 def read_prompts(args) -> list[str]:
-    prompts = list(args.prompt)
-    if args.prompts:
-        try:
-            lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"--prompts {args.prompts}: cannot read it ({e})")
-        prompts += [line.strip() for line in lines if line.strip()]
-        if not prompts:
-            raise SystemExit(f"--prompts {args.prompts} holds no prompt (one per line expected)")
+    prompts = list(args.prompt) + (model.read_prompt_file(args.prompts) if args.prompts else [])
     if not prompts:
         raise SystemExit("no prompt: pass --prompt '...' or --prompts <file>")
     return prompts

@@ -39,9 +39,7 @@ metadata.jsonl and grid.png once every rank is done.
 """
 
 import argparse
-import csv
 import hashlib
-import io
 import json
 import os
 import random
@@ -112,58 +110,14 @@ def builtin_prompts(n: int) -> list[str]:
     return prompts
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Prompt files
-# ----------------------------------------------------------------------------------------------------------------
-
-PROMPT_COLUMNS = ("prompt", "text", "caption")
-
-
-def prompt_column(columns, where: str) -> str:
-    column = next((c for c in PROMPT_COLUMNS if c in columns), None)
-    if column is None:
-        raise SystemExit(f"{where}: no prompt column; expected one of {', '.join(PROMPT_COLUMNS)}, found "
-                         f"{sorted(columns) or 'none'}")
-    return column
-
-
 def read_prompts(spec: str) -> list[str]:
-    """--prompts: builtin:N, a .jsonl / .csv file with a prompt column, or a text file with one prompt per line."""
-    if spec.startswith("builtin:"):
-        count = spec.removeprefix("builtin:")
-        if not count.isdigit() or int(count) < 1:
-            raise SystemExit(f"--prompts {spec}: builtin:N needs a positive whole number N, e.g. builtin:10000")
-        return builtin_prompts(int(count))
-    path = Path(spec)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"--prompts {spec}: cannot read it ({e}). Pass a UTF-8 text file (one prompt per line), "
-                         f"a .jsonl or .csv file with a {'/'.join(PROMPT_COLUMNS)} column, or builtin:N") from None
-    if path.suffix.lower() == ".jsonl":
-        prompts = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"--prompts {spec}, line {number}: not valid JSON ({e})") from None
-            row = row if isinstance(row, dict) else {}
-            prompts.append(str(row[prompt_column(row, f'--prompts {spec}, line {number}')]))
-    elif path.suffix.lower() == ".csv":
-        try:
-            reader = csv.DictReader(io.StringIO(text))
-            column = prompt_column(reader.fieldnames or [], f"--prompts {spec}")
-            prompts = [row[column] or "" for row in reader]
-        except csv.Error as e:
-            raise SystemExit(f"--prompts {spec}: not a readable CSV file ({e})") from None
-    else:
-        prompts = text.splitlines()
-    prompts = [p.strip() for p in prompts if p.strip()]
-    if not prompts:
-        raise SystemExit(f"--prompts {spec}: it holds no prompt (empty, or only blank lines / blank prompt cells)")
-    return prompts
+    """--prompts: builtin:N, or a file model.read_prompt_file reads."""
+    if not spec.startswith("builtin:"):
+        return model.read_prompt_file(spec)
+    count = spec.removeprefix("builtin:")
+    if not count.isdigit() or int(count) < 1:
+        raise SystemExit(f"--prompts {spec}: builtin:N needs a positive whole number N, e.g. builtin:10000")
+    return builtin_prompts(int(count))
 
 
 # ----------------------------------------------------------------------------------------------------------------
