@@ -250,7 +250,8 @@ class ZImageDiT(nn.Module):
         block = lambda modulated: DiTBlock(dim, cfg.n_heads, cfg.ffn_dim, cfg.norm_eps, cfg.adaln_dim, modulated)
         self.all_x_embedder = nn.ModuleDict({f"{p}-1": nn.Linear(p * p * cfg.in_channels, dim)})
         if cfg.pixel_head:
-            self.local_decoder = DetailerHead(head_channels(cfg), dim, p, cfg.head_width, cfg.in_channels)
+            out_sign = 1.0 if cfg.x_prediction else self.v_sign  # the paper's Z-Image heads predict x0 - eps too
+            self.local_decoder = DetailerHead(head_channels(cfg), dim, p, cfg.head_width, cfg.in_channels, out_sign)
         if cfg.lift_dim:  # the lifted pixel model keeps the source's final layer, under the source's name
             self.lift = PixelLift(cfg.lift_dim, p * p * cfg.in_channels)
             self.all_final_layer = nn.ModuleDict({f"{ZIMAGE_LATENT_PATCH}-1": FinalLayer(dim, cfg.lift_dim,
@@ -258,7 +259,8 @@ class ZImageDiT(nn.Module):
         elif not cfg.pixel_head:
             self.all_final_layer = nn.ModuleDict({f"{p}-1": FinalLayer(dim, p * p * cfg.in_channels, cfg.adaln_dim)})
         self.t_embedder = TimestepEmbedder(cfg.adaln_dim)
-        self.cap_embedder = nn.Sequential(nn.RMSNorm(cfg.cap_feat_dim, eps=cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, dim))
+        self.cap_embedder = nn.Sequential(nn.RMSNorm(cfg.cap_feat_dim, eps=cfg.norm_eps),
+                                          nn.Linear(cfg.cap_feat_dim, dim))
         self.x_pad_token = nn.Parameter(torch.zeros(1, dim))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, dim))
         self.noise_refiner = nn.ModuleList([block(True) for _ in range(cfg.n_refiner_layers)])
@@ -328,7 +330,7 @@ class ZImageDiT(nn.Module):
             joint = self._run(block, joint, freqs, joint_key_mask, adaln)
         return joint[:, :N], adaln
 
-    v_sign = -1.0  # Z-Image's final layer (and the released Detailer Head) predict x0 - eps
+    v_sign = -1.0  # Z-Image's final layer (and the released Detailer Heads' out_conv) predict x0 - eps
 
     def latent_output(self, hidden: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
         """The source's final layer: last-layer tokens [B, N, dim] -> latent v = eps - x0 per token."""
@@ -607,8 +609,6 @@ class Flux2DiT(nn.Module):
             x = self._run(block, x, rope, mod)
         return x[:, L:], temb
 
-    v_sign = 1.0  # FLUX.2's output layer (and its Detailer Head) predict v = eps - x0
-
     def latent_output(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """The source's output layer: last single block's image tokens [B, N, dim] -> latent v per token."""
         return self.proj_out(self.norm_out(hidden, temb))
@@ -655,8 +655,10 @@ class DetailerHead(nn.Module):
     decoder: up{i} = nearest 2x + Conv3x3; dec{i} = Conv3x3 + SiLU on [up, skip]; out_conv 1x1 -> in_channels
     """
 
-    def __init__(self, in_channels: int, dim: int, patch_size: int, width: int = 64, out_channels: int | None = None):
+    def __init__(self, in_channels: int, dim: int, patch_size: int, width: int = 64, out_channels: int | None = None,
+                 out_sign: float = 1.0):
         super().__init__()
+        self.out_sign = out_sign  # -1 where a published head's out_conv predicts -v (Z-Image's): see forward
         n = int(math.log2(patch_size))
         if 2 ** n != patch_size or not 4 <= n <= len(DETAILER_LEVELS):
             raise ValueError(f"the Detailer Head needs a patch of 16, 32, 64 or 128 pixels, got {patch_size}")
@@ -687,8 +689,8 @@ class DetailerHead(nn.Module):
 
     def forward(self, x: torch.Tensor, token_map: torch.Tensor) -> torch.Tensor:
         """x [B, C, H, W] noisy pixels (+ the lifted prediction, sigma: head_input), token_map [B, dim, H/p, W/p] ->
-        [B, 3, H, W]: in the paper's recipe v in the source's sign (Z-Image: x0 - eps; FLUX.2: eps - x0), with
-        x-prediction x0."""
+        [B, 3, H, W]: v = eps - x0 in the paper's recipe, x0 with x-prediction, in both families (the Z-Image DiT builds
+        its paper-recipe head with out_sign -1: the released out_conv predicts x0 - eps, as its final layer does)."""
         skips = []
         for name, _ in self.levels:
             skips.append(getattr(self, f"enc{name}")(x))
@@ -697,7 +699,7 @@ class DetailerHead(nn.Module):
         for (name, _), skip in zip(reversed(self.levels), reversed(skips)):
             dec = getattr(self, f"dec{name}")
             x = dec[1](conv_on_concat(dec[0], getattr(self, f"up{name}")(x), skip))
-        return self.out_conv(x)
+        return self.out_conv(x) if self.out_sign == 1 else self.out_sign * self.out_conv(x)
 
 
 X0_MIN_SIGMA = 0.05  # x-prediction's v = (x - x0) / sigma divides by at least this (JiT's clamp)
@@ -791,7 +793,7 @@ def pixel_velocity(net: "ZImageDiT | Flux2DiT", x: torch.Tensor, sigma: torch.Te
     head_in = head_input(x, lifted if cfg.head_lift else None, sigma if cfg.head_sigma else None)
     out = net.local_decoder(head_in.to(hidden.dtype), hidden.transpose(1, 2).unflatten(2, (H // p, W // p))).float()
     if not cfg.x_prediction:
-        return net.v_sign * out
+        return out
     if lifted is not None:
         out = lifted + out
         if not span_detail:  # see the docstring
@@ -1745,7 +1747,8 @@ def flux_vae_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> FluxVAECo
         raise CheckpointError(f"a VAE with channels {channels} cannot use 32 GroupNorm groups; put its config.json "
                               "beside it (a diffusers vae/ folder) or pass load_vae(config=...)")
     return FluxVAEConfig(in_channels=shapes["encoder.conv_in.weight"][1],
-                         out_channels=shapes["decoder.conv_out.weight"][0], latent_channels=shapes["decoder.conv_in.weight"][1], block_out_channels=channels,
+                         out_channels=shapes["decoder.conv_out.weight"][0],
+                         latent_channels=shapes["decoder.conv_in.weight"][1], block_out_channels=channels,
                          layers_per_block=count_blocks(shapes, "encoder.down_blocks.0.resnets"))
 
 

@@ -238,7 +238,10 @@ def test_paper_recipe_writes_what_convert_wrote_before_the_recipes(tmp_path):
     mask = torch.ones(2, 5, dtype=torch.bool)
     with torch.no_grad():
         hidden, _ = net.transformer(model.patchify(x, 16), (2, 2), sigma, cap, mask)
+        assert net.local_decoder.out_sign == -1
+        net.local_decoder.out_sign = 1.0  # the published head alone: its out_conv predicts x0 - eps
         before = -net.local_decoder(x, hidden.transpose(1, 2).unflatten(2, (2, 2))).float()
+        net.local_decoder.out_sign = -1.0
         assert torch.equal(net(x, sigma, cap, mask), before)
 
 
