@@ -350,11 +350,10 @@ def main(argv=None):
     print(f"dropped {len(dropped):4d} tensors {count(dropped):>15,d} params  ({', '.join(dropped)})")
     print(f"wrote   {out}: {len(specs)} tensors, {count(specs):,d} params, {out.stat().st_size / 1e9:.2f} GB "
           f"in {time.time() - start:.0f} s")
-    with torch.device("meta"):
-        net = model.new_model(target_cfg)
     blocks = min(5, (target_cfg.num_layers + target_cfg.num_single_layers if flux2 else target_cfg.n_layers) // 2)
-    trainable, frozen = model.set_trainable(net, train_blocks=blocks)
-    print(f"freeze policy --train-blocks {blocks}: {trainable:,d} trainable, {frozen:,d} frozen parameters")
+    counts = model.trainable_counts(target_cfg, blocks, strict=False, head_only=False)
+    print(f"freeze policy --train-blocks {blocks}: {counts['trainable']:,d} trainable, {counts['frozen']:,d} frozen "
+          "parameters")
 
 
 if __name__ == "__main__":

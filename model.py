@@ -145,6 +145,14 @@ class DiTBlock(nn.Module):
         return x + gate_mlp.tanh() * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp)))
 
 
+def run_block(net: nn.Module, block: nn.Module, *args):
+    """block(*args), recomputed in the backward pass instead of keeping its activations when
+    net.gradient_checkpointing is on."""
+    if net.gradient_checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 def compile_blocks(net: nn.Module) -> nn.Module:
     """torch.compile every transformer block in place (norms, modulation, RoPE and the MLP fused by the compiler);
     embedders, the head and the sampler stay eager. The first call of each new shape compiles."""
@@ -268,11 +276,6 @@ class ZImageDiT(nn.Module):
         self.layers = nn.ModuleList([block(True) for _ in range(cfg.n_layers)])
         self.gradient_checkpointing = False
 
-    def _run(self, block, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     def transformer(self, tokens: torch.Tensor, grid: tuple[int, int], sigma: torch.Tensor, cap: torch.Tensor,
                     cap_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything between the patch embedder's input and the final layer.
@@ -321,13 +324,13 @@ class ZImageDiT(nn.Module):
 
         cap_key_mask = None if bool(cap_valid.all()) else cap_valid
         for block in self.noise_refiner:
-            x = self._run(block, x, img_rope, None, adaln)
+            x = run_block(self, block, x, img_rope, None, adaln)
         for block in self.context_refiner:
-            c = self._run(block, c, cap_rope, cap_key_mask)
+            c = run_block(self, block, c, cap_rope, cap_key_mask)
         joint = torch.cat([x, c], dim=1)  # image first
         joint_key_mask = None if cap_key_mask is None else F.pad(cap_key_mask, (Np, 0), value=True)
         for block in self.layers:
-            joint = self._run(block, joint, freqs, joint_key_mask, adaln)
+            joint = run_block(self, block, joint, freqs, joint_key_mask, adaln)
         return joint[:, :N], adaln
 
     v_sign = -1.0  # Z-Image's final layer (and the released Detailer Heads' out_conv) predict x0 - eps
@@ -339,12 +342,8 @@ class ZImageDiT(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor, cap_mask: torch.Tensor,
                 span_detail: bool = False) -> torch.Tensor:
         """x [B, C, H, W] (latent, or pixels for L2P), sigma [B] (1 = noise), cap [B, L, cap_feat_dim],
-        cap_mask [B, L] bool -> v = eps - x0 [B, C, H, W] fp32. span_detail: see pixel_velocity."""
-        p, (B, C, H, W) = check_input(self, x), x.shape
-        if self.cfg.pixel_head:
-            return pixel_velocity(self, x, sigma, cap, cap_mask, span_detail)
-        hidden, adaln = self.transformer(patchify(x, p), (H // p, W // p), sigma, cap, cap_mask)
-        return unpatchify(self.latent_output(hidden, adaln), p, H, W).float()
+        cap_mask [B, L] bool -> v = eps - x0 [B, C, H, W] fp32: dit_forward."""
+        return dit_forward(self, x, sigma, cap, cap_mask, span_detail)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -570,11 +569,6 @@ class Flux2DiT(nn.Module):
             self.lift = PixelLift(cfg.lift_dim, p * p * cfg.in_channels)
         self.gradient_checkpointing = False
 
-    def _run(self, block, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     def transformer(self, tokens: torch.Tensor, grid: tuple[int, int], sigma: torch.Tensor, cap: torch.Tensor,
                     cap_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything between the patch embedder's input and the output layer.
@@ -603,10 +597,10 @@ class Flux2DiT(nn.Module):
         img = embedder(tokens.to(dtype))  # [B, N, dim]
         txt = self.context_embedder(cap.to(dtype))  # [B, L, dim]
         for block in self.transformer_blocks:
-            img, txt = self._run(block, img, txt, rope, mod_img, mod_txt)
+            img, txt = run_block(self, block, img, txt, rope, mod_img, mod_txt)
         x = torch.cat([txt, img], dim=1)  # [B, L + N, dim]
         for block, mod in zip(self.single_transformer_blocks, mod_single):
-            x = self._run(block, x, rope, mod)
+            x = run_block(self, block, x, rope, mod)
         return x[:, L:], temb
 
     def latent_output(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -616,13 +610,9 @@ class Flux2DiT(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor,
                 cap_mask: torch.Tensor | None = None, span_detail: bool = False) -> torch.Tensor:
         """x [B, in_channels, H, W]: the packed latent, or pixels for L2P; sigma [B], cap [B, L, joint_attention_dim]
-        (L = 512 for the source's features), cap_mask unused -> v = eps - x0 [B, in_channels, H, W] fp32.
-        span_detail: see pixel_velocity."""
-        p, (B, C, H, W) = check_input(self, x), x.shape
-        if self.cfg.pixel_head:
-            return pixel_velocity(self, x, sigma, cap, cap_mask, span_detail)
-        hidden, temb = self.transformer(patchify(x, p), (H // p, W // p), sigma, cap, cap_mask)
-        return unpatchify(self.latent_output(hidden, temb), 1, H, W).float()
+        (the source's features: every position, its caption length), cap_mask unused -> v = eps - x0 [B, in_channels,
+        H, W] fp32: dit_forward."""
+        return dit_forward(self, x, sigma, cap, cap_mask, span_detail)
 
 
 
@@ -767,6 +757,16 @@ def check_input(net: "ZImageDiT | Flux2DiT", x: torch.Tensor) -> int:
         raise ValueError(f"input {tuple(x.shape)}: expected {net.cfg.in_channels} channels and H, W multiples of the "
                          f"patch {p}")
     return p
+
+
+def dit_forward(net: "ZImageDiT | Flux2DiT", x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor,
+                cap_mask: torch.Tensor | None, span_detail: bool = False) -> torch.Tensor:
+    """Both DiTs' forward: the source's latent through its output layer, or the L2P pixel model (pixel_velocity)."""
+    p, (B, C, H, W) = check_input(net, x), x.shape
+    if net.cfg.pixel_head:
+        return pixel_velocity(net, x, sigma, cap, cap_mask, span_detail)
+    hidden, cond = net.transformer(patchify(x, p), (H // p, W // p), sigma, cap, cap_mask)
+    return unpatchify(net.latent_output(hidden, cond), p, H, W).float()
 
 
 def pixel_velocity(net: "ZImageDiT | Flux2DiT", x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor,
@@ -1517,8 +1517,7 @@ BFL_FLUX2_NAMES = [
 ]
 
 
-def zimage_from_comfy(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    return renamed(tensors, COMFY_ZIMAGE_NAMES, COMFY_ZIMAGE_FUSED)
+zimage_from_comfy = partial(renamed, renames=COMFY_ZIMAGE_NAMES, fused=COMFY_ZIMAGE_FUSED)
 
 
 def flux2_from_bfl(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -1874,11 +1873,7 @@ def sample(model: nn.Module, noise: torch.Tensor, cap: torch.Tensor, cap_mask: t
             v_pos, v_neg = model(x.to(dtype), sigma, cap, cap_mask), model(x.to(dtype), sigma, neg_cap, neg_mask)
         return (v_neg + guidance * (v_pos - v_neg)).float()
 
-    steps_iter = range(steps)
-    if progress:
-        from tqdm import tqdm
-        steps_iter = tqdm(steps_iter, desc="sampling", unit="step")
-    for i in steps_iter:
+    for i in tqdm(range(steps), desc="sampling", unit="step", disable=not progress):
         x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i].expand(B))
     if getattr(getattr(model, "cfg", None), "lift_dim", 0):
         x = x - X0_MIN_SIGMA * velocity(x, sigmas[-1].expand(B))  # at sigma 0 its v is (x - x0) / X0_MIN_SIGMA
@@ -2075,8 +2070,8 @@ def read_caption_features(path: Path, prompt: str | None = None) -> torch.Tensor
 def encode_to_cache(text_encoder, prompts: list[str], folder: Path | None, device, dtype: torch.dtype,
                     progress: bool = False, family: str | None = None) -> dict[str, torch.Tensor]:
     """prompt -> its caption features, bf16 on the CPU, each prompt encoded on its own (so its rows never depend on
-    batch companions) and, with `folder`, written to the cache there (FLUX.2's: all 512 positions x 7680, 7.5 MiB a
-    prompt). The text encoder is freed at the end: the DiT needs the memory next."""
+    batch companions) and, with `folder`, written to the cache there (FLUX.2's: every position of its caption
+    length). The text encoder is freed at the end: the DiT needs the memory next."""
     encoder, features = load_text_encoder(text_encoder, device=device, dtype=dtype, family=family), {}
     for prompt in tqdm(prompts, desc="encoding prompts", unit="prompt", disable=not progress):
         cap, mask = encoder.encode([prompt])
