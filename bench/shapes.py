@@ -321,6 +321,10 @@ def parse_args(argv=None):
     parser.add_argument("--train-source", action="store_true",
                         help="train the toy source and write it to bench/toy-source/ (resumes from "
                              "bench/runs/train-source/; ~2-3 h on 2 CPU cores, minutes on a GPU)")
+    parser.add_argument("--family", choices=["zimage", "flux2"], default="zimage",
+                        help="the source family: Z-Image's toy (bench/toy-source/) or FLUX.2 [klein]'s "
+                             "(bench/toy-source-flux2/, trained into bench/runs/train-source-flux2/); the L2P stages "
+                             "run on the Z-Image toy only so far")
     parser.add_argument("--eval-source", action="store_true",
                         help="re-measure the shipped source's ShapeEval and VAE reconstructions against its manifest")
     return parser.parse_args(argv)
@@ -354,9 +358,14 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
     args = parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     torch.set_flush_denormal(True)  # CPU: arithmetic on subnormal floats is many times slower
+    if args.family != "zimage":
+        source = toysource.SOURCES[args.family]
+        if not (args.train_source or args.eval_source):
+            raise SystemExit("--family flux2 trains (--train-source) or re-measures (--eval-source) the toy FLUX.2 "
+                             "source; its L2P stages are not built yet")
     if args.train_source:
-        return toysource.train_source(toysource.SourcePlan(), ROOT / "bench" / "runs" / "train-source", args.device,
-                                      args.seed)
+        work = ROOT / "bench" / "runs" / ("train-source" + ("" if args.family == "zimage" else f"-{args.family}"))
+        return toysource.train_source(toysource.SourcePlan(), work, args.device, args.seed, source, args.family)
     manifest = toysource.check_source(source)
     if args.eval_source:
         return eval_source(source, manifest, args.device)

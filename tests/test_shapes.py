@@ -65,6 +65,38 @@ def test_an_altered_or_missing_source_is_refused(tmp_path):
         shapes.main(["--runs", str(tmp_path / "runs")], plan=TINY, source=source)
 
 
+def test_a_toy_flux2_source_trains_into_klein_s_layout_on_the_features_it_will_be_read_with(tmp_path):
+    """A few steps of the toy FLUX.2 recipe: the source written in FLUX.2 [klein]'s published layout loads through
+    model.py as a klein repo (its short caption length from its tokenizer_config.json), the features it trained on
+    are the ones model.TextEncoder reads from those files, and its manifest guards the files."""
+    from transformers import AutoTokenizer
+
+    toysource, model = shapes.toysource, shapes.model
+    micro = toysource.SourcePlan(vae_steps=2, vae_batch=4, scenes=32, steps=2, batch=4, eval_prompts=6, eval_seeds=1,
+                                 sample_steps=2, save_every=1)
+    target = tmp_path / "toy-source-flux2"
+    manifest = toysource.train_source(micro, tmp_path / "work", "cpu", 0, target, "flux2")
+    assert json.loads((target / "model_index.json").read_text())["_class_name"] == "Flux2KleinPipeline"
+    assert model.open_checkpoint(target).cfg == toysource.TOY_FLUX2_DIT
+    vae = model.load_vae(target)  # its BatchNorm statistics normalise the packed latent of the toy's scenes
+    with torch.no_grad():
+        z = vae.encode(toysource.render(shapes.shapeworld.make_scenes(64, 5)))
+    assert isinstance(vae, model.Flux2VAE) and z.mean().abs() < 0.2 and 0.8 < z.std() < 1.25
+    encoder = model.load_text_encoder(target, dtype=torch.float32)
+    assert encoder.family == "flux2" and encoder.max_length == toysource.FLUX2_CAPTION_TOKENS
+    captions = ["a red circle", ""]
+    cap, mask = encoder.encode(captions)
+    ids = toysource.tokenize(AutoTokenizer.from_pretrained(target / "tokenizer"), captions, "flux2")
+    with torch.no_grad():
+        trained_on, _ = toysource.encode(encoder.model, [ids[c] for c in captions], encoder.tokenizer.pad_token_id,
+                                         "cpu", "flux2")
+    assert cap.shape == (2, toysource.FLUX2_CAPTION_TOKENS, 192) and mask.all() and torch.equal(cap, trained_on)
+    assert toysource.check_source(target)["files"] == manifest["files"]
+    (target / "vae" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="differ from its manifest.*vae/config.json"):
+        toysource.check_source(target)
+
+
 def test_eval_prompts_are_distinct_and_balanced_over_tasks():
     scenes = shapes.toysource.eval_scenes(60, seed=0)
     captions = [s.caption for s in scenes]
