@@ -350,7 +350,7 @@ def main(argv=None):
     print(f"dropped {len(dropped):4d} tensors {count(dropped):>15,d} params  ({', '.join(dropped)})")
     print(f"wrote   {out}: {len(specs)} tensors, {count(specs):,d} params, {out.stat().st_size / 1e9:.2f} GB "
           f"in {time.time() - start:.0f} s")
-    blocks = min(5, (target_cfg.num_layers + target_cfg.num_single_layers if flux2 else target_cfg.n_layers) // 2)
+    blocks = min(5, model.block_count(target_cfg) // 2)
     counts = model.trainable_counts(target_cfg, blocks, strict=False, head_only=False)
     print(f"freeze policy --train-blocks {blocks}: {counts['trainable']:,d} trainable, {counts['frozen']:,d} frozen "
           "parameters")

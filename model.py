@@ -874,6 +874,11 @@ def new_model(cfg: "ZImageConfig | Flux2Config") -> "ZImageDiT | Flux2DiT":
     return {"zimage": ZImageDiT, "flux2": Flux2DiT}[cfg.family](cfg)
 
 
+def block_count(cfg: "ZImageConfig | Flux2Config") -> int:
+    """The main blocks the freeze policy counts: Z-Image's layers, FLUX.2's double- then single-stream blocks."""
+    return cfg.n_layers if cfg.family == "zimage" else cfg.num_layers + cfg.num_single_layers
+
+
 def set_trainable(model: "ZImageDiT | Flux2DiT", train_blocks: int = 5, strict: bool = False,
                   head_only: bool = False) -> tuple[int, int]:
     """The L2P freeze policy, in one place: the first and last n blocks train, the middle stays frozen. Returns

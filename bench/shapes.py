@@ -1,7 +1,8 @@
 """
 The whole L2P recipe in miniature, on the CPU: a toy latent text-to-image model of captioned shape scenes, shipped in
 Z-Image's published layout (bench/toy-source/, trained once by --train-source, as the real recipe starts from a
-downloaded Z-Image); then the real scripts run on it, exactly as on the 6B model:
+downloaded Z-Image), or with --family flux2 in FLUX.2 [klein]'s (bench/toy-source-flux2/); then the real scripts run
+on it, exactly as on the 6B model:
 
     synth.py   the source LDM makes the training corpus (images + cached text features)
     convert.py the latent DiT becomes the pixel model (16x16 RGB patches + Detailer Head)
@@ -47,7 +48,7 @@ import model  # noqa: E402
 import shapeworld  # noqa: E402
 import toysource  # noqa: E402
 
-SIZE, TOY_DIT, SHIFT = toysource.SIZE, toysource.TOY_DIT, toysource.SHIFT
+SIZE = toysource.SIZE
 HEAD_WIDTH = 16  # the toy Detailer Head: the released layout with a quarter of the channels
 
 
@@ -121,10 +122,10 @@ def sample_with_script(folder: Path, prompts_file: Path, plan: Plan, log_file: P
     script("sample.py", *flags, log_file=log_file)
 
 
-def random_pixel_init(path: Path, seed: int):
+def random_pixel_init(path: Path, seed: int, source_cfg: "model.ZImageConfig | model.Flux2Config"):
     """The scratch baseline's start: the same pixel architecture, every weight freshly initialised."""
     torch.manual_seed(seed)
-    net = model.ZImageDiT(model.l2p_config(TOY_DIT, 16, HEAD_WIDTH))
+    net = model.new_model(model.l2p_config(source_cfg, 16, HEAD_WIDTH))
     model.write_safetensors(path, {k: v.detach().contiguous() for k, v in net.state_dict().items()},
                             {"format": "l2p", "l2p_patch": "16", "source": "random init (scratch baseline)"})
 
@@ -323,8 +324,8 @@ def parse_args(argv=None):
                              "bench/runs/train-source/; ~2-3 h on 2 CPU cores, minutes on a GPU)")
     parser.add_argument("--family", choices=["zimage", "flux2"], default="zimage",
                         help="the source family: Z-Image's toy (bench/toy-source/) or FLUX.2 [klein]'s "
-                             "(bench/toy-source-flux2/, trained into bench/runs/train-source-flux2/); the L2P stages "
-                             "run on the Z-Image toy only so far")
+                             "(bench/toy-source-flux2/, trained into bench/runs/train-source-flux2/); its runs go to "
+                             "bench/runs/shapes-quick-flux2 or shapes-full-flux2")
     parser.add_argument("--eval-source", action="store_true",
                         help="re-measure the shipped source's ShapeEval and VAE reconstructions against its manifest")
     return parser.parse_args(argv)
@@ -354,15 +355,11 @@ def real_data_corpus(corpus: Path, out: Path, plan: Plan, seed: int):
     model.atomic_write(out / "metadata.jsonl", write_json_lines.encode())
 
 
-def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
+def main(argv=None, plan: Plan | None = None, source: Path | None = None):
     args = parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     torch.set_flush_denormal(True)  # CPU: arithmetic on subnormal floats is many times slower
-    if args.family != "zimage":
-        source = toysource.SOURCES[args.family]
-        if not (args.train_source or args.eval_source):
-            raise SystemExit("--family flux2 trains (--train-source) or re-measures (--eval-source) the toy FLUX.2 "
-                             "source; its L2P stages are not built yet")
+    source = source or toysource.SOURCES[args.family]
     if args.train_source:
         work = ROOT / "bench" / "runs" / ("train-source" + ("" if args.family == "zimage" else f"-{args.family}"))
         return toysource.train_source(toysource.SourcePlan(), work, args.device, args.seed, source, args.family)
@@ -371,7 +368,7 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
         return eval_source(source, manifest, args.device)
     mode = "full" if args.full else "quick"
     plan = plan or (FULL if args.full else QUICK)
-    out = Path(args.runs or ROOT / "bench" / "runs" / f"shapes-{mode}")
+    out = Path(args.runs or ROOT / "bench" / "runs" / f"shapes-{mode}{'' if args.family == 'zimage' else '-flux2'}")
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -439,7 +436,8 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
 
     stage("synth.py corpus", lambda: script(
         "synth.py", "--src", source, "--prompts", corpus_prompts, "--out", corpus, "--seeds", plan.corpus_seeds,
-        "--res", SIZE, "--steps", plan.sample_steps, "--cfg", plan.source_cfg, "--shift", SHIFT,
+        "--res", SIZE, "--steps", plan.sample_steps, "--cfg", plan.source_cfg,
+        "--shift", toysource.sampler_shift(args.family, plan.sample_steps),
         "--batch-size", 64, "--device", device, "--dtype", "fp32", log_file=log_file), corpus / "metadata.jsonl")
     recipe = args.recipe
     init, scratch_init = out / f"l2p-{recipe}-init.safetensors", out / "scratch-init.safetensors"
@@ -448,12 +446,13 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
     stage(f"convert.py --recipe {recipe}", lambda: script(
         "convert.py", "--src", source, "--out", init, "--patch", 16, "--head-width", HEAD_WIDTH, "--seed", args.seed,
         "--recipe", recipe, *align, log_file=log_file), init)
+    source_cfg = model.open_checkpoint(source).cfg
     if not scratch_init.exists():
-        random_pixel_init(scratch_init, args.seed)
+        random_pixel_init(scratch_init, args.seed, source_cfg)
     scratch_flags = ["--lr", plan.pixel_lr, "--head-lr-fan-in", plan.head_lr_fan_in]
     l2p_flags, name = recipe_flags(plan, recipe, source) + shlex.split(args.train_flags), args.name or recipe
     runs = [("l2p", f"l2p-{name}", init, corpus, plan.train_blocks, l2p_flags),
-            ("scratch", "scratch", scratch_init, corpus, TOY_DIT.n_layers // 2, scratch_flags)]
+            ("scratch", "scratch", scratch_init, corpus, model.block_count(source_cfg) // 2, scratch_flags)]
     if args.real_data:
         stage("ground-truth corpus", lambda: real_data_corpus(corpus, out / "corpus_real", plan, args.seed),
               out / "corpus_real" / "metadata.jsonl")
@@ -487,7 +486,7 @@ def main(argv=None, plan: Plan | None = None, source: Path = toysource.SOURCE):
 
     l2p_cfg = model.open_checkpoint(init).cfg
     with torch.device("meta"):
-        toy = model.ZImageDiT(l2p_cfg)
+        toy = model.new_model(l2p_cfg)
     trainable, frozen = model.set_trainable(toy, plan.train_blocks, head_only=bool(l2p_cfg.lift_dim))
     curve = [{"step": points[0]["step"], **{k: v for name, p in zip(curves, points) for k, v in (
         (name, p["overall"]), (f"{name}_val_loss", p["val_loss"]), (f"{name}_val_x0_loss", p["val_x0_loss"]),

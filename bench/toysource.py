@@ -47,8 +47,9 @@ TOY_DIT = model.ZImageConfig(in_channels=16, patch_size=2, dim=128, n_layers=6, 
 TOY_VAE = model.FluxVAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
 TOY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16)
-TOY_FLUX2_DIT = model.Flux2Config(in_channels=64, patch_size=1, num_layers=2, num_single_layers=4, num_attention_heads=4,
-                                  attention_head_dim=32, joint_attention_dim=3 * 64, axes_dims_rope=(8, 8, 8, 8))
+TOY_FLUX2_DIT = model.Flux2Config(in_channels=64, patch_size=1, num_layers=2, num_single_layers=4,
+                                  num_attention_heads=4, attention_head_dim=32, joint_attention_dim=3 * 64,
+                                  axes_dims_rope=(8, 8, 8, 8))
 TOY_FLUX2_VAE = model.Flux2VAEConfig(latent_channels=16, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
                                      norm_num_groups=8)
 TOY_FLUX2_TEXT = {**TOY_TEXT, "num_hidden_layers": 28}  # hidden state 27 is a layer's output, not the final norm's

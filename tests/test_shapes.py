@@ -68,7 +68,8 @@ def test_an_altered_or_missing_source_is_refused(tmp_path):
 def test_a_toy_flux2_source_trains_into_klein_s_layout_on_the_features_it_will_be_read_with(tmp_path):
     """A few steps of the toy FLUX.2 recipe: the source written in FLUX.2 [klein]'s published layout loads through
     model.py as a klein repo (its short caption length from its tokenizer_config.json), the features it trained on
-    are the ones model.TextEncoder reads from those files, and its manifest guards the files."""
+    are the ones model.TextEncoder reads from those files, every stage of bench/shapes.py --family flux2 runs from
+    it, and its manifest guards the files."""
     from transformers import AutoTokenizer
 
     toysource, model = shapes.toysource, shapes.model
@@ -92,6 +93,10 @@ def test_a_toy_flux2_source_trains_into_klein_s_layout_on_the_features_it_will_b
                                          "cpu", "flux2")
     assert cap.shape == (2, toysource.FLUX2_CAPTION_TOKENS, 192) and mask.all() and torch.equal(cap, trained_on)
     assert toysource.check_source(target)["files"] == manifest["files"]
+    results = shapes.main(["--family", "flux2", "--runs", str(tmp_path / "runs")], plan=TINY, source=target)
+    assert [p["step"] for p in results["curve"]] == [0, 12, 24] and results["recipe"] == "lift"  # every stage ran
+    assert set(results["overall"]) == {"ground truth", "vae", "source", "l2p", "scratch"}
+    assert 0 < results["trainable_fraction"]["l2p"] < 1 and (tmp_path / "runs" / "grid_step0.png").exists()
     (target / "vae" / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="differ from its manifest.*vae/config.json"):
         toysource.check_source(target)
@@ -110,10 +115,11 @@ def test_eval_prompts_are_distinct_and_balanced_over_tasks():
 
 def test_the_prompt_effect_sees_a_head_that_has_gone_deaf_to_the_tokens(tmp_path):
     torch.manual_seed(0)
-    net = shapes.model.ZImageDiT(shapes.model.l2p_config(shapes.TOY_DIT, 16, shapes.HEAD_WIDTH))
+    net = shapes.model.ZImageDiT(shapes.model.l2p_config(shapes.toysource.TOY_DIT, 16, shapes.HEAD_WIDTH))
     torch.nn.init.normal_(net.local_decoder.out_conv.weight, std=0.1)  # a fresh head predicts 0: give it an output
     images = torch.rand(4, 3, shapes.SIZE, shapes.SIZE) * 2 - 1
-    cap, empty = torch.randn(4, 7, shapes.TOY_DIT.cap_feat_dim), torch.randn(1, 3, shapes.TOY_DIT.cap_feat_dim)
+    width = shapes.toysource.TOY_DIT.cap_feat_dim
+    cap, empty = torch.randn(4, 7, width), torch.randn(1, 3, width)
     mask = torch.ones(4, 7, dtype=torch.bool)
 
     def metrics(name):
@@ -124,7 +130,7 @@ def test_the_prompt_effect_sees_a_head_that_has_gone_deaf_to_the_tokens(tmp_path
 
     loss, hearing, _ = metrics("hearing")
     with torch.no_grad():  # the bottleneck's token inputs cut: the only way the caption reaches the output
-        net.local_decoder.bottleneck[0].weight[:, -shapes.TOY_DIT.dim:] = 0
+        net.local_decoder.bottleneck[0].weight[:, -shapes.toysource.TOY_DIT.dim:] = 0
     deaf_loss, deaf, _ = metrics("deaf")
     assert hearing > 0.01 and deaf == 0.0
     assert 0 < loss < 10 and 0 < deaf_loss < 10
