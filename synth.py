@@ -148,8 +148,8 @@ def parse_args(argv=None):
     parser.add_argument("--width", type=int, help="image width, overrides --res (a multiple of 16)")
     parser.add_argument("--height", type=int, help="image height, overrides --res (a multiple of 16)")
     parser.add_argument("--steps", type=int,
-                        help="Euler steps. Default from the source: Z-Image-Turbo (scheduler shift 3) 8, Z-Image base 50; "
-                             "klein (model_index.json is_distilled) 4, klein-base 50")
+                        help="Euler steps. Default from the source: Z-Image-Turbo (scheduler shift 3) 8, Z-Image base "
+                             "50; klein (model_index.json is_distilled) 4, klein-base 50")
     parser.add_argument("--cfg", type=float,
                         help="classifier-free guidance c, v = v_neg + c (v_pos - v_neg) with the empty negative "
                              "prompt; 1 = off. Default from the source, like --steps: Turbo 1, Z-Image base 5 "

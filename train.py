@@ -160,8 +160,8 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
     args.loss = args.loss or ("x0" if cfg.x_prediction else "v")
     args.states = args.states or ("source" if cfg.lift_dim else "image")
     if args.states == "source" and not (cfg.lift_dim and args.vae and args.loss == "x0"):
-        raise SystemExit(f"--states source needs a lifted init (convert.py --recipe lift), --vae <the source's VAE> and "
-                         f"--loss x0; got {'a lifted' if cfg.lift_dim else 'an unlifted'} init, --vae {args.vae}, "
+        raise SystemExit(f"--states source needs a lifted init (convert.py --recipe lift), --vae <the source's VAE> "
+                         f"and --loss x0; got {'a lifted' if cfg.lift_dim else 'an unlifted'} init, --vae {args.vae}, "
                          f"--loss {args.loss}. Pass them, or --states image to noise the images themselves")
     if args.shift is None:  # train on the sigmas the sampler uses at this size
         tokens = (args.res // cfg.patch_size) ** 2
@@ -198,9 +198,9 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
            f"{max(weights.lr_scales.values()):.3g}" if weights.lr_scales else ""))
 
     order = sample_order(len(records), args.batch_size, rank, world, args.seed, start, args.max_steps)
-    batches = iter(torch.utils.data.DataLoader(model.ImageCaptionDataset(records, args.res), batch_size=micro, sampler=order,
-                                               collate_fn=model.collate, num_workers=args.workers,
-                                               pin_memory=device.type == "cuda"))
+    dataset = model.ImageCaptionDataset(records, args.res)
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=order, collate_fn=model.collate,
+                                               num_workers=args.workers, pin_memory=device.type == "cuda"))
     dtype, bad_images, bad_in_a_row, window, clock = next(net.parameters()).dtype, {}, 0, [], time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
