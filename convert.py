@@ -64,6 +64,10 @@ def parse_args(argv=None):
     parser.add_argument("--head-lift", action=argparse.BooleanOptionalAction,
                         help="the Detailer Head reads the lifted prediction as 3 more input channels (default: with "
                              "--recipe lift)")
+    parser.add_argument("--head-tokens", choices=["raw", "norm"], default="raw",
+                        help="what the Detailer Head reads of the DiT's last layer: its raw image tokens (the released "
+                             "heads), or their parameter-free LayerNorm (what FLUX.2's norm_out and Z-Image's final "
+                             "layer apply before their modulation)")
     parser.add_argument("--head-steps", type=int,
                         help="--recipe lift: steps that teach the Detailer Head to turn the lifted latent of each "
                              "--align-data image into the image (the VAE decoder's job; no DiT pass) before any "
@@ -256,7 +260,7 @@ def merge(source: model.DiTCheckpoint, out: Path, cast: torch.dtype | None, args
     metadata = {"format": "l2p", "l2p_patch": str(source.cfg.patch_size), "merged_from": str(args.src),
                 "dtype": args.dtype, "written_by": "convert.py"}
     metadata.update({k: v for k, v in model.safetensors_metadata(source.files[0]).items()
-                     if k == "l2p_recipe" or k.startswith("align_")})
+                     if k in ("l2p_recipe", "l2p_head_tokens") or k.startswith("align_")})
     model.write_safetensors(out, ((k, convert(k, t)) for k, t in source.tensors()), metadata, specs=specs)
     trained = len(model.safetensors_shapes([source.trained]))
     print(f"merged  {source.layout}: {len(specs)} tensors ({trained} trained), {count(specs):,d} params -> {out} "
@@ -280,7 +284,8 @@ def main(argv=None):
                          "single-stream blocks")
     if args.align_data and args.recipe not in ("embedder", "lift"):
         raise SystemExit(f"--align-data: --recipe {args.recipe} fits nothing; use --recipe lift or embedder")
-    target_cfg = model.l2p_config(source.cfg, args.patch, args.head_width, args.recipe, args.head_sigma, args.head_lift)
+    target_cfg = model.l2p_config(source.cfg, args.patch, args.head_width, args.recipe, args.head_sigma, args.head_lift,
+                                  args.head_tokens == "norm")
     target_cfg = replace(target_cfg, single_tail=args.tail_modulation) if flux2 else target_cfg
     with torch.device("meta"):
         target = model.new_model(target_cfg).state_dict()
@@ -326,6 +331,8 @@ def main(argv=None):
     metadata = {"format": "l2p", "l2p_patch": str(args.patch), "head_width": str(args.head_width),
                 "source": str(args.src), "source_layout": source.layout, "seed": str(args.seed), "dtype": args.dtype,
                 "written_by": "convert.py"}
+    if args.head_tokens == "norm":  # read back by model.l2p_fields; none means raw, as in the released files
+        metadata["l2p_head_tokens"] = "norm"
     if args.recipe != "paper":  # a file without l2p_recipe is the paper's, as the released ones
         metadata.update({"l2p_recipe": args.recipe, **fit_stats})
     start = time.time()

@@ -192,6 +192,7 @@ class ZImageConfig:
     x_prediction: bool = False  # the head predicts x0 and v = (x - x0) / max(sigma, X0_MIN_SIGMA)
     head_sigma: bool = False  # the head reads sigma as an input channel
     head_lift: bool = False  # the head reads the lifted prediction (3 more input channels)
+    head_token_norm: bool = False  # the head reads the tokens' parameter-free LayerNorm instead of the raw tokens
 
     @property
     def ffn_dim(self) -> int:
@@ -374,6 +375,7 @@ class Flux2Config:
     x_prediction: bool = False
     head_sigma: bool = False
     head_lift: bool = False
+    head_token_norm: bool = False  # the head reads LayerNorm(tokens), what norm_out applies before its modulation
     single_tail: int = 0  # > 0: the last single_tail single blocks read a private copy of the single modulation
 
     @property
@@ -791,7 +793,8 @@ def pixel_velocity(net: "ZImageDiT | Flux2DiT", x: torch.Tensor, sigma: torch.Te
         z0 = net.lift.to_latent(tokens) - sigma_dit.view(B, 1, 1) * net.latent_output(hidden, cond).float()
         lifted = unpatchify(net.lift.to_pixels(z0), p, H, W)
     head_in = head_input(x, lifted if cfg.head_lift else None, sigma if cfg.head_sigma else None)
-    out = net.local_decoder(head_in.to(hidden.dtype), hidden.transpose(1, 2).unflatten(2, (H // p, W // p))).float()
+    tokens = F.layer_norm(hidden, hidden.shape[-1:], eps=1e-6) if cfg.head_token_norm else hidden
+    out = net.local_decoder(head_in.to(hidden.dtype), tokens.transpose(1, 2).unflatten(2, (H // p, W // p))).float()
     if not cfg.x_prediction:
         return out
     if lifted is not None:
@@ -844,7 +847,7 @@ def extend_lift(basis: torch.Tensor, scale: torch.Tensor, factor: int) -> tuple[
 
 
 def l2p_config(source: "ZImageConfig | Flux2Config", patch_size: int = 16, head_width: int = 64,
-               recipe: str = "paper", head_sigma: bool = False, head_lift: bool = False):
+               recipe: str = "paper", head_sigma: bool = False, head_lift: bool = False, head_token_norm: bool = False):
     """The pixel model made from a latent source: same transformer, RGB patches of p x p, the Detailer Head.
 
     Recipes: paper (random patch embedder, the head predicts v: the released L2P files), x0 (the same, the head
@@ -858,16 +861,19 @@ def l2p_config(source: "ZImageConfig | Flux2Config", patch_size: int = 16, head_
         raise ValueError("the head can read the lifted prediction only with recipe 'lift'")
     return replace(source, in_channels=3, patch_size=patch_size, pixel_head=True, head_width=head_width,
                    lift_dim=lift_dim, x_prediction=recipe in ("x0", "lift"), head_sigma=head_sigma,
-                   head_lift=head_lift)
+                   head_lift=head_lift, head_token_norm=head_token_norm)
 
 
-def l2p_fields(shapes: dict[str, tuple[int, ...]], patch_size: int, recipe: str | None) -> dict:
-    """The pixel model's recipe fields (config) from its shapes and the recipe its metadata records (none: the
-    paper's, as in the released files); a lifted model predicts x0 whatever its metadata says."""
+def l2p_fields(shapes: dict[str, tuple[int, ...]], patch_size: int, meta: dict[str, str]) -> dict:
+    """The pixel model's recipe fields (config) from its shapes and what its metadata records (l2p_recipe: none is
+    the paper's, as in the released files; l2p_head_tokens: norm, else raw); a lifted model predicts x0 whatever its
+    metadata says."""
+    recipe = meta.get("l2p_recipe")
     first_conv = f"local_decoder.enc{DETAILER_LEVELS[-int(math.log2(patch_size))][0]}.0.weight"
     lift_dim, inputs = shapes.get("lift.basis", (0,))[0], shapes[first_conv][1]  # 3 (+ 3 lifted) (+ 1 sigma)
     return dict(head_width=shapes["local_decoder.enc1.0.weight"][0], head_sigma=inputs % 3 == 1,
-                head_lift=inputs >= 6, lift_dim=lift_dim, x_prediction=bool(lift_dim) or recipe == "x0")
+                head_lift=inputs >= 6, lift_dim=lift_dim, x_prediction=bool(lift_dim) or recipe == "x0",
+                head_token_norm=meta.get("l2p_head_tokens") == "norm")
 
 
 def new_model(cfg: "ZImageConfig | Flux2Config") -> "ZImageDiT | Flux2DiT":
@@ -1533,7 +1539,7 @@ def flux2_from_bfl(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tupl
         yield key, tensor
 
 
-def zimage_config_from_shapes(shapes: dict[str, tuple[int, ...]], recipe: str | None = None) -> ZImageConfig:
+def zimage_config_from_shapes(shapes: dict[str, tuple[int, ...]], meta: dict | None = None) -> ZImageConfig:
     """A Z-Image (or L2P) config from diffusers-named shapes. The RoPE split is not in the file: Z-Image's
     (32, 48, 48) of 128, scaled for smaller heads."""
     count = partial(count_blocks, shapes)
@@ -1546,10 +1552,10 @@ def zimage_config_from_shapes(shapes: dict[str, tuple[int, ...]], recipe: str | 
                         n_layers=count("layers"), n_refiner_layers=count("noise_refiner"), n_heads=dim // head_dim,
                         cap_feat_dim=cap_feat_dim, pixel_head=pixel_head,
                         axes_dims=(head_dim // 4, head_dim * 3 // 8, head_dim - head_dim // 4 - head_dim * 3 // 8),
-                        **(l2p_fields(shapes, patch_size, recipe) if pixel_head else {}))
+                        **(l2p_fields(shapes, patch_size, meta or {}) if pixel_head else {}))
 
 
-def flux2_config_from_shapes(shapes: dict[str, tuple[int, ...]], recipe: str | None = None) -> Flux2Config:
+def flux2_config_from_shapes(shapes: dict[str, tuple[int, ...]], meta: dict | None = None) -> Flux2Config:
     """A FLUX.2 config from diffusers-named shapes. The RoPE split and theta are not in the file: FLUX.2's four equal
     axes and 2000."""
     if "guidance_in.in_layer.weight" in shapes:
@@ -1569,7 +1575,7 @@ def flux2_config_from_shapes(shapes: dict[str, tuple[int, ...]], recipe: str | N
                        mlp_ratio=shapes["transformer_blocks.0.ff.linear_out.weight"][1] / dim,
                        axes_dims_rope=(head_dim // 4,) * 4, pixel_head=pixel_head,
                        single_tail=singles - tail[0] if tail else 0,
-                       **(l2p_fields(shapes, patch_size, recipe) if pixel_head else {}))
+                       **(l2p_fields(shapes, patch_size, meta or {}) if pixel_head else {}))
 
 
 @dataclass(frozen=True)
@@ -1580,7 +1586,7 @@ class DiTFormat:
     class_name: str  # the diffusers class a transformer/config.json must name
     folder_fields: dict  # config.json values outside what this implementation supports are refused
     config: type
-    config_from_shapes: Callable  # (diffusers-named shapes, recorded recipe) -> config
+    config_from_shapes: Callable  # (diffusers-named shapes, file metadata) -> config
     other_names: str  # the other naming of its single files (ComfyUI's, BFL's): what it is called,
     other_marker: str  # a key part only that naming has,
     from_other_names: Callable  # and the (key, tensor) stream that takes it to ours
@@ -1698,7 +1704,7 @@ def open_checkpoint(path, init: Path | None = None, family: str | None = None) -
     layout = describe_layout("L2P pixel checkpoint" if pixel else "single file",
                              fmt.other_names if other else "diffusers", strip)
     try:
-        cfg = fmt.config_from_shapes(names, safetensors_metadata(path).get("l2p_recipe"))
+        cfg = fmt.config_from_shapes(names, safetensors_metadata(path))
     except (KeyError, StopIteration):
         raise CheckpointError(f"{path} (read as {layout}) is not a {fmt.files} transformer: it looks like "
                               f"{guess_component(shapes)} ({len(shapes)} keys, first: {list(shapes)[:4]}). Pass a "

@@ -280,8 +280,8 @@ def write_report(results: dict, out: Path):
               for p in results["curve"] for name in CURVE_COLOURS if name in p]
     lines += ["", "Ablation: L2P recipes run in this folder (`--recipe`), the converted model (step 0) and the last "
               "curve point; time = training + curve evaluations", "",
-              "| recipe | step | ShapeEval | " + " | ".join(shapeworld.TASKS) + " | validation loss | x0 validation loss "
-              "| prompt effect | seconds |", "|---|" + "---|" * (len(shapeworld.TASKS) + 6)]
+              "| recipe | step | ShapeEval | " + " | ".join(shapeworld.TASKS) + " | validation loss | "
+              "x0 validation loss | prompt effect | seconds |", "|---|" + "---|" * (len(shapeworld.TASKS) + 6)]
     for name, row in results["ablation"].items():
         for p in (row["first"], row["last"]):
             lines.append(f"| {name} | {p['step']} | {p['overall']:.3f} | " + " | ".join(
@@ -310,6 +310,9 @@ def parse_args(argv=None):
                              "ablation table of every recipe found there")
     parser.add_argument("--train-flags", default="", help="more train.py flags for L2P, after the recipe's (e.g. "
                         "\"--trainable shallow --lr 1e-4\"): an ablation; name its curve with --name")
+    parser.add_argument("--convert-flags", default="", help="more convert.py flags for L2P's init (e.g. "
+                        "\"--head-tokens norm\"): an ablation of the conversion; needs --name, under which its init "
+                        "is cached")
     parser.add_argument("--name", help="the L2P curve's name in the report and the cache (default: the recipe)")
     parser.add_argument("--steps", type=int,
                         help="train L2P and scratch this many steps instead of the plan's (quick 600, full 4,000): "
@@ -439,24 +442,27 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
         "--res", SIZE, "--steps", plan.sample_steps, "--cfg", plan.source_cfg,
         "--shift", toysource.sampler_shift(args.family, plan.sample_steps),
         "--batch-size", 64, "--device", device, "--dtype", "fp32", log_file=log_file), corpus / "metadata.jsonl")
-    recipe = args.recipe
-    init, scratch_init = out / f"l2p-{recipe}-init.safetensors", out / "scratch-init.safetensors"
+    recipe, l2p_name = args.recipe, args.name or args.recipe
+    if args.convert_flags and not args.name:
+        raise SystemExit("--convert-flags makes another init: name it (and its curve) with --name")
+    init = out / f"l2p-{l2p_name if args.convert_flags else recipe}-init.safetensors"
+    scratch_init = out / "scratch-init.safetensors"
     align = ["--align-data", corpus] if recipe in ("embedder", "lift") else []
     align += ["--head-steps", plan.head_steps] if recipe == "lift" else []
-    stage(f"convert.py --recipe {recipe}", lambda: script(
+    stage(f"convert.py --recipe {recipe}" + (f" ({l2p_name})" if args.convert_flags else ""), lambda: script(
         "convert.py", "--src", source, "--out", init, "--patch", 16, "--head-width", HEAD_WIDTH, "--seed", args.seed,
-        "--recipe", recipe, *align, log_file=log_file), init)
+        "--recipe", recipe, *align, *shlex.split(args.convert_flags), log_file=log_file), init)
     source_cfg = model.open_checkpoint(source).cfg
     if not scratch_init.exists():
         random_pixel_init(scratch_init, args.seed, source_cfg)
     scratch_flags = ["--lr", plan.pixel_lr, "--head-lr-fan-in", plan.head_lr_fan_in]
-    l2p_flags, name = recipe_flags(plan, recipe, source) + shlex.split(args.train_flags), args.name or recipe
-    runs = [("l2p", f"l2p-{name}", init, corpus, plan.train_blocks, l2p_flags),
+    l2p_flags = recipe_flags(plan, recipe, source) + shlex.split(args.train_flags)
+    runs = [("l2p", f"l2p-{l2p_name}", init, corpus, plan.train_blocks, l2p_flags),
             ("scratch", "scratch", scratch_init, corpus, model.block_count(source_cfg) // 2, scratch_flags)]
     if args.real_data:
         stage("ground-truth corpus", lambda: real_data_corpus(corpus, out / "corpus_real", plan, args.seed),
               out / "corpus_real" / "metadata.jsonl")
-        runs.append(("l2p_real", f"l2p_real-{name}", init, out / "corpus_real", plan.train_blocks, l2p_flags))
+        runs.append(("l2p_real", f"l2p_real-{l2p_name}", init, out / "corpus_real", plan.train_blocks, l2p_flags))
 
     text = model.load_text_encoder(source, dtype=torch.float32)
     val_cap, val_mask = text.encode([s.caption for s in sampled_scenes])
@@ -512,7 +518,7 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
     plot_curve(curve, {"source": scores["source"]["overall"], "ground truth": scores["ground truth"]["overall"]},
                out / "curve.png")
     save_grid({"source": source_images, **pixel_images}, [s.caption for s in sampled_scenes], out / "grid.png")
-    save_grid({"source": source_images, "l2p step 0": read_samples(out / f"samples_l2p-{recipe}_step0")},
+    save_grid({"source": source_images, "l2p step 0": read_samples(out / f"samples_l2p-{l2p_name}_step0")},
               [s.caption for s in sampled_scenes], out / "grid_step0.png")  # the converted model, before training
     write_report(results, out)
     print((out / "results.md").read_text())

@@ -173,3 +173,21 @@ def test_sample_writes_the_size_asked_deterministically_and_refuses_bad_input(re
         sample.main([*args, "--res", "40", "--out", str(tmp_path / "c.png")])
     with pytest.raises(SystemExit, match="is a latent transformer"):
         sample.main([*args[:1], str(repo), *args[2:], "--out", str(tmp_path / "d.png")])
+
+
+def test_the_head_reads_the_tokens_layernorm_when_the_file_says_so(repo, init, tmp_path):
+    """convert.py --head-tokens norm is recorded in the file, and the head then reads the parameter-free LayerNorm of
+    the last single block's image tokens (what norm_out applies); a file without it reads the raw tokens."""
+    out = tmp_path / "norm.safetensors"
+    convert.main(["--src", str(repo), "--out", str(out), "--head-width", "16", "--recipe", "paper", "--head-tokens",
+                  "norm"])
+    net = model.load_model(out, dtype=torch.float32)
+    assert net.cfg.head_token_norm and not model.load_model(init, dtype=torch.float32).cfg.head_token_norm
+    torch.nn.init.normal_(net.local_decoder.out_conv.weight, std=0.1)  # a fresh head's output conv is zero
+    g = torch.Generator().manual_seed(0)
+    x, cap, sigma = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.randn(2, 7, CAP_DIM, generator=g), \
+        torch.tensor([0.8, 0.3])
+    with torch.no_grad():
+        hidden, _ = net.transformer(model.patchify(x, 16), (2, 2), sigma, cap)
+        tokens = torch.nn.functional.layer_norm(hidden, hidden.shape[-1:], eps=1e-6)
+        assert torch.equal(net(x, sigma, cap), net.local_decoder(x, tokens.transpose(1, 2).unflatten(2, (2, 2))))

@@ -93,10 +93,17 @@ def test_a_toy_flux2_source_trains_into_klein_s_layout_on_the_features_it_will_b
                                          "cpu", "flux2")
     assert cap.shape == (2, toysource.FLUX2_CAPTION_TOKENS, 192) and mask.all() and torch.equal(cap, trained_on)
     assert toysource.check_source(target)["files"] == manifest["files"]
-    results = shapes.main(["--family", "flux2", "--runs", str(tmp_path / "runs")], plan=TINY, source=target)
+    runs = tmp_path / "runs"  # the head-input ablation's form: an init converted with more flags, under a name
+    with pytest.raises(SystemExit, match="--name"):
+        shapes.main(["--family", "flux2", "--runs", str(runs), "--convert-flags", "--head-tokens norm"], plan=TINY,
+                    source=target)
+    results = shapes.main(["--family", "flux2", "--runs", str(runs), "--convert-flags", "--head-tokens norm", "--name",
+                           "tokens-norm"], plan=TINY, source=target)
     assert [p["step"] for p in results["curve"]] == [0, 12, 24] and results["recipe"] == "lift"  # every stage ran
     assert set(results["overall"]) == {"ground truth", "vae", "source", "l2p", "scratch"}
-    assert 0 < results["trainable_fraction"]["l2p"] < 1 and (tmp_path / "runs" / "grid_step0.png").exists()
+    assert set(results["ablation"]) == {"tokens-norm"} and (runs / "grid_step0.png").exists()
+    assert model.open_checkpoint(runs / "l2p-tokens-norm-init.safetensors").cfg.head_token_norm
+    assert 0 < results["trainable_fraction"]["l2p"] < 1
     (target / "vae" / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="differ from its manifest.*vae/config.json"):
         toysource.check_source(target)
