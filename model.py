@@ -7,20 +7,21 @@ Published formats are converted at their boundary (loading), nowhere else.
 
 Sections
   1. Blocks         RoPE (any number of axes), attention (q/k RMSNorm, SDPA), SwiGLU, the (modulated) Z-Image block,
-                    compile_blocks
+                    run_block (gradient checkpointing), compile_blocks
   2. Z-Image DiT    ZImageConfig, ZImageDiT: forward(x, sigma, cap, cap_mask) -> v (latent, or L2P pixels)
   3. FLUX.2 DiT     Flux2Config, Flux2DiT (klein 4B MMDiT: double- then single-stream blocks): the same forward
-  4. L2P head       DetailerHead, PixelLift and fit_lift (the latent-aligned conversion), pixel_velocity (the pixel
-                    model's forward, both families), l2p_config (latent config + recipe -> pixel config; l2p_fields
-                    reads the recipe back from a checkpoint's shapes), set_trainable (the freeze policy)
+  4. L2P head       DetailerHead, PixelLift and fit_lift (the latent-aligned conversion), dit_forward (both DiTs'
+                    forward) and pixel_velocity (the pixel model's), l2p_config (latent config + recipe -> pixel
+                    config; l2p_fields reads the recipe back from a checkpoint), set_trainable (the freeze policy)
   5. VAEs           FluxVAE (FLUX.1, Z-Image's) and Flux2VAE: encode(img) -> normalised latent, decode(latent) -> img
   6. Text encoder   TextEncoder: Qwen3 through transformers, encode(prompts) -> (cap, cap_mask), Z-Image's recipe or
                     FLUX.2's; load_text_encoder (repo root, folder or single file)
   7. Loading        safetensors reads, the published layouts renamed to ours, meta-device init + assign:
                     open_checkpoint / load_model (Z-Image, L2P, FLUX.2; every published layout), load_vae
   8. Sampling       shifted sigma grid, per-seed noise, Euler sampler with CFG, generate, the sources' presets
-  9. I/O            atomic writes (write_safetensors streams), PNG and grids, the caption-feature cache, training
-                    data (synth.py output, metadata.jsonl / .csv folders, webdataset shards), processes (torchrun)
+  9. I/O            atomic writes (write_safetensors streams), PNG and grids, the caption-feature cache, prompt
+                    files, training data (synth.py output, metadata.jsonl / .csv folders, webdataset shards),
+                    processes (torchrun)
  10. Memory plan    train.py's bytes per process by mode (standard, low memory, ZeRO) and the mode that fits
 """
 
