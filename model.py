@@ -16,12 +16,12 @@ Sections
   5. VAEs           FluxVAE (FLUX.1, Z-Image's) and Flux2VAE: encode(img) -> normalised latent, decode(latent) -> img
   6. Text encoder   TextEncoder: Qwen3 through transformers, encode(prompts) -> (cap, cap_mask), Z-Image's recipe or
                     FLUX.2's; load_text_encoder (repo root, folder or single file)
-  7. Loading        safetensors reads, the published layouts renamed to ours, meta-device init + assign:
+  7. Loading        the published layouts renamed to ours, meta-device init + assign:
                     open_checkpoint / load_model (Z-Image, L2P, FLUX.2; every published layout), load_vae
   8. Sampling       shifted sigma grid, per-seed noise, Euler sampler with CFG, generate, the sources' presets
-  9. I/O            atomic writes (write_safetensors streams), PNG and grids, the caption-feature cache, prompt
-                    files, training data (synth.py output, metadata.jsonl / .csv folders, webdataset shards),
-                    processes (torchrun)
+  9. I/O            atomic writes, safetensors read and write (both streamed), PNG and grids, the caption-feature
+                    cache, prompt files, training data (synth.py output, metadata.jsonl / .csv folders, webdataset
+                    shards), processes (torchrun)
  10. Memory plan    train.py's bytes per process by mode (standard, low memory, ZeRO) and the mode that fits
 """
 
@@ -1362,7 +1362,7 @@ def check_text_encoder(path, cfg: "ZImageConfig | Flux2Config") -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. Loading: safetensors, one DiT opener for both families' layouts (rename tables, config from shapes), one VAE loader
+# 7. Loading: one DiT opener for both families' layouts (rename tables, config from shapes), one VAE loader
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -1381,50 +1381,6 @@ def safetensors_files(folder: Path) -> list[Path]:
         raise CheckpointError(f"{index} names shards that are not there: {missing[:3]}; download the whole folder "
                               "again" if missing else f"no *.safetensors file in {folder}")
     return files
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
-@contextmanager
-def open_safetensors(file: Path):
-    """safetensors' own reader, with a file that is missing, truncated or not safetensors as a CheckpointError."""
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            yield f
-    except FileNotFoundError:
-        raise CheckpointError(f"{file} does not exist") from None
-    except SafetensorError as e:
-        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); download or write it again") from None
-
-
-def safetensors_metadata(file: Path) -> dict[str, str]:
-    with open_safetensors(file) as f:
-        return f.metadata() or {}
-
-
-def safetensors_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of every tensor in the files, from the headers alone."""
-    return {k: tuple(t.shape) for k, t in read_tensors(files, meta=True)}
-
-
-def read_tensors(files: Iterable[Path], strip_prefix: str = "", meta: bool = False
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (key, tensor) one at a time, memory-mapped (copy what you keep); meta=True reads headers only. Each
-    tensor gets a mapping of its own, closed once the caller moves on, so the pages of tensors already consumed leave
-    the resident set: a checkpoint streams into a bf16 model without a second copy in memory."""
-    for file in files:
-        with open_safetensors(file) as f:
-            specs = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
-        for key, (dtype, shape) in specs.items():
-            if meta:
-                tensor = torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype], device="meta")
-            else:
-                with open_safetensors(file) as f:
-                    tensor = f.get_tensor(key)
-            yield key.removeprefix(strip_prefix), tensor
 
 
 def assign_weights(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], layout: str,
@@ -1543,15 +1499,14 @@ def flux2_from_bfl(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tupl
 def zimage_config_from_shapes(shapes: dict[str, tuple[int, ...]], meta: dict | None = None) -> ZImageConfig:
     """A Z-Image (or L2P) config from diffusers-named shapes. The RoPE split is not in the file: Z-Image's
     (32, 48, 48) of 128, scaled for smaller heads."""
-    count = partial(count_blocks, shapes)
     embedder = next(k for k in shapes if re.fullmatch(r"all_x_embedder\.\d+-1\.weight", k))
     patch_size = int(embedder.split(".")[1].split("-")[0])
     pixel_head = any(k.startswith("local_decoder.") for k in shapes)
     dim, cap_feat_dim = shapes["cap_embedder.1.weight"]
     head_dim = shapes["layers.0.attention.norm_q.weight"][0]
     return ZImageConfig(in_channels=shapes[embedder][1] // patch_size ** 2, patch_size=patch_size, dim=dim,
-                        n_layers=count("layers"), n_refiner_layers=count("noise_refiner"), n_heads=dim // head_dim,
-                        cap_feat_dim=cap_feat_dim, pixel_head=pixel_head,
+                        n_layers=count_blocks(shapes, "layers"), n_refiner_layers=count_blocks(shapes, "noise_refiner"),
+                        n_heads=dim // head_dim, cap_feat_dim=cap_feat_dim, pixel_head=pixel_head,
                         axes_dims=(head_dim // 4, head_dim * 3 // 8, head_dim - head_dim // 4 - head_dim * 3 // 8),
                         **(l2p_fields(shapes, patch_size, meta or {}) if pixel_head else {}))
 
@@ -1561,21 +1516,19 @@ def flux2_config_from_shapes(shapes: dict[str, tuple[int, ...]], meta: dict | No
     axes and 2000."""
     if "guidance_in.in_layer.weight" in shapes:
         raise CheckpointError("it has a guidance embedder: FLUX.2 [dev], not klein; only klein is supported")
-    count = partial(count_blocks, shapes)
     pixel_head = "pixel_embedder.weight" in shapes  # L2P: in = p * p * 3
     dim, in_channels = shapes["pixel_embedder.weight" if pixel_head else "x_embedder.weight"]
     patch_size = round(math.sqrt(in_channels // 3)) if pixel_head else 1
     head_dim = shapes["single_transformer_blocks.0.attn.norm_q.weight"][0]
-    singles = count("single_transformer_blocks")
+    singles = count_blocks(shapes, "single_transformer_blocks")
     tail = [int(k.split(".")[1]) for k in shapes if k.startswith("single_stream_modulation_tail.")]
     return Flux2Config(in_channels=3 if pixel_head else in_channels, patch_size=patch_size,
-                       num_layers=count("transformer_blocks"), num_single_layers=singles,
-                       num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
+                       num_layers=count_blocks(shapes, "transformer_blocks"), num_single_layers=singles,
+                       num_attention_heads=dim // head_dim, attention_head_dim=head_dim, pixel_head=pixel_head,
                        joint_attention_dim=shapes["context_embedder.weight"][1],
                        timestep_guidance_channels=shapes["time_guidance_embed.timestep_embedder.linear_1.weight"][1],
                        mlp_ratio=shapes["transformer_blocks.0.ff.linear_out.weight"][1] / dim,
-                       axes_dims_rope=(head_dim // 4,) * 4, pixel_head=pixel_head,
-                       single_tail=singles - tail[0] if tail else 0,
+                       axes_dims_rope=(head_dim // 4,) * 4, single_tail=singles - tail[0] if tail else 0,
                        **(l2p_fields(shapes, patch_size, meta or {}) if pixel_head else {}))
 
 
@@ -1606,7 +1559,6 @@ TRAINED_FORMAT = "l2p-trained"  # train.py's checkpoints: only the trained tenso
 
 COMPONENT_MARKERS = [("single_stream_modulation.", "a FLUX.2 transformer"),
                      ("cap_embedder.", "a Z-Image / L2P transformer"),
-                     (".attention.qkv.", "a Z-Image / L2P transformer"),
                      ("bn.running_mean", "FLUX.2's VAE"), ("decoder.mid", "a FLUX.1 / Z-Image VAE"),
                      ("embed_tokens.", "a text encoder")]
 
@@ -1728,16 +1680,14 @@ def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16, init: Pa
 # The LDM names of FLUX.1's and FLUX.2's ae.safetensors -> ours (diffusers'); BFL keeps FLUX.2's 1x1 quant convs
 # inside the encoder and decoder, diffusers at the top.
 LDM_VAE_NAMES = [
-    (r"\.norm_out\.", ".conv_norm_out."),
-    (r"\.nin_shortcut\.", ".conv_shortcut."),
+    (r"\.norm_out\.", ".conv_norm_out."), (r"\.nin_shortcut\.", ".conv_shortcut."),
     (r"\.down\.(\d+)\.block\.", r".down_blocks.\1.resnets."),
     (r"\.down\.(\d+)\.downsample\.", r".down_blocks.\1.downsamplers.0."),
     (r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}."),
     (r"\.mid\.attn_1\.norm\.", ".mid_block.attentions.0.group_norm."),
     (r"\.mid\.attn_1\.([qkv])\.", r".mid_block.attentions.0.to_\1."),
     (r"\.mid\.attn_1\.proj_out\.", ".mid_block.attentions.0.to_out.0."),
-    (r"^encoder\.quant_conv\.", "quant_conv."),
-    (r"^decoder\.post_quant_conv\.", "post_quant_conv."),
+    (r"^encoder\.quant_conv\.", "quant_conv."), (r"^decoder\.post_quant_conv\.", "post_quant_conv."),
 ]
 
 
@@ -1774,11 +1724,10 @@ def load_vae(path, device="cpu", dtype=torch.float32, config=None, family: str |
              ) -> "FluxVAE | Flux2VAE":
     """FLUX.1's autoencoder (Z-Image's) or FLUX.2's, from a repo root (with vae/), a diffusers vae folder (config.json
     + one file or shards), or one .safetensors file in diffusers or LDM / BFL (ae.safetensors) names, optionally
-    prefixed 'first_stage_model.' or 'vae.'. family: 'zimage' or 'flux2' insists on one; by default a folder's class,
-    or a file's bn statistics (FLUX.2's latent normalisation), decide. config: by default the folder's config.json;
-    a single file's is read from its shapes (FLUX.1) or is FLUX.2's. bn.num_batches_tracked (a count of training
-    batches) is not read. device="meta" reads the headers alone (the architecture, no weights).
-    """
+    prefixed 'first_stage_model.' or 'vae.'. family: 'zimage' or 'flux2' insists on one; by default the config.json's
+    class, else bn statistics in the tensors (FLUX.2's latent normalisation), decide. config: by default the
+    config.json; without one, FLUX.1's is read from the shapes and FLUX.2's is klein's. bn.num_batches_tracked (a
+    count of training batches) is not read. device="meta" reads the headers alone (the architecture, no weights)."""
     path = component_dir(path, "vae")
     if not (path.is_dir() or path.suffix == ".safetensors" and path.is_file()):
         raise CheckpointError(f"{path}: expected a repo root, a vae folder or an existing .safetensors file")
@@ -1786,12 +1735,9 @@ def load_vae(path, device="cpu", dtype=torch.float32, config=None, family: str |
     raw = json.loads(config_file.read_text()) if config_file.exists() else None
     files = safetensors_files(path) if path.is_dir() else [path]
     shapes = safetensors_shapes(files)
-    family = family or ("flux2" if ((raw or {}).get("_class_name") == "AutoencoderKLFlux2" if path.is_dir() else
+    family = family or ("flux2" if (raw.get("_class_name") == "AutoencoderKLFlux2" if raw else
                                     any(k.endswith("bn.running_mean") for k in shapes)) else "zimage")
     name, class_name, cls, config_cls, implemented = VAE_FORMATS[family]
-    if raw is None and path.is_dir() and family == "flux2":
-        raise CheckpointError(f"{path} has no config.json: pass the FLUX.2 repo root, its vae/ folder, or BFL's "
-                              "ae.safetensors")
     if raw is not None and raw.get("_class_name", class_name) != class_name:
         raise CheckpointError(f"{config_file} describes a {raw['_class_name']}, not {name}'s {class_name}")
     implemented = implemented | {"decoder_block_out_channels": (raw or {}).get("block_out_channels")}
@@ -1987,6 +1933,50 @@ def atomic_write(path: Path, data: "bytes | Callable[[BinaryIO], object]") -> No
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+@contextmanager
+def open_safetensors(file: Path):
+    """safetensors' own reader, with a file that is missing, truncated or not safetensors as a CheckpointError."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            yield f
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} does not exist") from None
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); download or write it again") from None
+
+
+def safetensors_metadata(file: Path) -> dict[str, str]:
+    with open_safetensors(file) as f:
+        return f.metadata() or {}
+
+
+def safetensors_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor in the files, from the headers alone."""
+    return {k: tuple(t.shape) for k, t in read_tensors(files, meta=True)}
+
+
+def read_tensors(files: Iterable[Path], strip_prefix: str = "", meta: bool = False
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (key, tensor) one at a time, memory-mapped (copy what you keep); meta=True reads headers only. Each
+    tensor gets a mapping of its own, closed once the caller moves on, so the pages of tensors already consumed leave
+    the resident set: a checkpoint streams into a bf16 model without a second copy in memory."""
+    for file in files:
+        with open_safetensors(file) as f:
+            specs = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
+        for key, (dtype, shape) in specs.items():
+            if meta:
+                tensor = torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype], device="meta")
+            else:
+                with open_safetensors(file) as f:
+                    tensor = f.get_tensor(key)
+            yield key.removeprefix(strip_prefix), tensor
 
 
 def header_sha256(file: Path) -> str:

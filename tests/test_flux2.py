@@ -336,6 +336,17 @@ def test_vae_matches_diffusers(tiny_vae, layout):
         vae.encode(tiny_vae["img"][..., :38])
 
 
+def test_vae_folder_without_config_is_read_like_a_single_file(tiny_vae, tmp_path):
+    """No config.json: the bn statistics say FLUX.2, and the architecture comes from `config` (klein's by default)."""
+    for file in tiny_vae["paths"]["diffusers folder"].glob("*.safetensors"):
+        shutil.copy(file, tmp_path / file.name)
+    config = flux2.Flux2VAEConfig(latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+    vae = flux2.load_vae(tmp_path, config=config)
+    assert isinstance(vae, flux2.Flux2VAE)
+    with torch.no_grad():
+        assert rel(vae.encode(tiny_vae["img"]), tiny_vae["ref_latent"]) < 1e-4
+
+
 def test_vae_real_size_on_meta():
     with torch.device("meta"):
         vae = flux2.Flux2VAE(flux2.Flux2VAEConfig())
