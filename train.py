@@ -163,6 +163,9 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
         raise SystemExit(f"--states source needs a lifted init (convert.py --recipe lift), --vae <the source's VAE> "
                          f"and --loss x0; got {'a lifted' if cfg.lift_dim else 'an unlifted'} init, --vae {args.vae}, "
                          f"--loss {args.loss}. Pass them, or --states image to noise the images themselves")
+    if args.vae and args.states == "image":
+        raise SystemExit("--vae is read only with --states source (a lifted init's sampler states); with --states "
+                         "image the images are noised as they are: drop --vae")
     if args.shift is None:  # train on the sigmas the sampler uses at this size
         tokens = (args.res // cfg.patch_size) ** 2
         flux2 = cfg.family == "flux2"

@@ -21,7 +21,9 @@ Finished stages are cached under --runs with their wall time (--fresh redoes the
 results.json (per-task and overall ShapeEval, trainable fraction, seconds per stage, the convergence curve from step 0:
 ShapeEval, the validation losses on held-out source samples and the prompt effect, for L2P and scratch; the ablation
 of every L2P recipe run in the folder), curve.png, grid.png (source | L2P | scratch for the same prompts and seeds)
-and grid_step0.png (source | the converted L2P model before training). The last line printed is the JSON's path.
+and grid_step0.png (source | the converted L2P model before training); a run of another recipe or --name writes them
+with its name (results-paper.md, ...), so the default run's files stay its own. The last line printed is the JSON's
+path.
 """
 
 import argparse
@@ -50,6 +52,7 @@ import toysource  # noqa: E402
 
 SIZE = toysource.SIZE
 HEAD_WIDTH = 16  # the toy Detailer Head: the released layout with a quarter of the channels
+DEFAULT_RECIPE = "lift"  # the recipe whose results keep the plain names (results.md, grid.png, ...)
 
 
 @dataclass
@@ -131,7 +134,7 @@ def random_pixel_init(path: Path, seed: int, source_cfg: "model.ZImageConfig | m
 
 
 VAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
-PROMPT_EFFECT_SIGMA = 0.9  # where the layout is decided: the toy source's own v moves 20-36% with the prompt here
+PROMPT_EFFECT_SIGMA = 0.9  # where the layout is decided, so where the source's own v depends most on the prompt
 
 
 @torch.no_grad()
@@ -260,10 +263,10 @@ def save_grid(columns: dict[str, np.ndarray], prompts: list[str], path: Path, ro
     img.save(path)
 
 
-def write_report(results: dict, out: Path):
+def write_report(results: dict, out: Path, suffix: str):
     scores = results["scores"]
     names = list(scores)
-    lines = [f"# bench/shapes.py ({results['mode']}, L2P recipe {results['recipe']})", "",
+    lines = [f"# bench/shapes.py ({results['mode']}, L2P {results['name']}: recipe {results['recipe']})", "",
              "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for task in [*shapeworld.TASKS, "overall"]:
         row = [scores[n]["per_task"][task] if task != "overall" else scores[n]["overall"] for n in names]
@@ -289,8 +292,8 @@ def write_report(results: dict, out: Path):
                 f"{p['val_x0_loss']:.4f} | {p['prompt_effect']:.3f} | {row['seconds'] or 0:.0f} |")
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["seconds"].items()]
-    model.atomic_write(out / "results.md", ("\n".join(lines) + "\n").encode())
-    model.atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
+    model.atomic_write(out / f"results{suffix}.md", ("\n".join(lines) + "\n").encode())
+    model.atomic_write(out / f"results{suffix}.json", json.dumps(results, indent=2).encode())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,7 +307,7 @@ def parse_args(argv=None):
     parser.add_argument("--real-data", action="store_true",
                         help="also train L2P on ground-truth renders of the corpus prompts instead of the source's "
                              "samples (the paper's data ablation): one more curve")
-    parser.add_argument("--recipe", choices=model.RECIPES, default="lift",
+    parser.add_argument("--recipe", choices=model.RECIPES, default=DEFAULT_RECIPE,
                         help="convert.py's recipe for L2P (scratch keeps its own). Runs of several recipes in one "
                              "--runs folder share the source, corpus and scratch stages, and the report gains an "
                              "ablation table of every recipe found there")
@@ -503,7 +506,7 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
                                         if p["l2p"] >= share * scores["source"]["overall"]), None)
                   for share in (0.5, 0.8, 0.93)}
     results = {
-        "mode": mode, "recipe": recipe, "plan": asdict(plan), "milestones": milestones,
+        "mode": mode, "name": l2p_name, "recipe": recipe, "plan": asdict(plan), "milestones": milestones,
         "source": {"sha256": hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest(),
                    "shapeeval_full_protocol": manifest["shapeeval"]["overall"], "commit": manifest["commit"]},
         "overall": {name: scores[name]["overall"] for name in scores},
@@ -515,14 +518,15 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
                             "seconds": seconds.get(f"train.py + sample.py: l2p-{name}")}
                      for name, points in ablation.items()},
     }
+    suffix = "" if l2p_name == DEFAULT_RECIPE else f"-{l2p_name}"
     plot_curve(curve, {"source": scores["source"]["overall"], "ground truth": scores["ground truth"]["overall"]},
-               out / "curve.png")
-    save_grid({"source": source_images, **pixel_images}, [s.caption for s in sampled_scenes], out / "grid.png")
+               out / f"curve{suffix}.png")
+    save_grid({"source": source_images, **pixel_images}, [s.caption for s in sampled_scenes], out / f"grid{suffix}.png")
     save_grid({"source": source_images, "l2p step 0": read_samples(out / f"samples_l2p-{l2p_name}_step0")},
-              [s.caption for s in sampled_scenes], out / "grid_step0.png")  # the converted model, before training
-    write_report(results, out)
-    print((out / "results.md").read_text())
-    print(out / "results.json")
+              [s.caption for s in sampled_scenes], out / f"grid_step0{suffix}.png")  # the converted model, untrained
+    write_report(results, out, suffix)
+    print((out / f"results{suffix}.md").read_text())
+    print(out / f"results{suffix}.json")
     return results
 
 

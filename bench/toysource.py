@@ -54,7 +54,7 @@ TOY_FLUX2_VAE = model.Flux2VAEConfig(latent_channels=16, block_out_channels=(16,
                                      norm_num_groups=8)
 TOY_FLUX2_TEXT = {**TOY_TEXT, "num_hidden_layers": 28}  # hidden state 27 is a layer's output, not the final norm's
 FLUX2_CAPTION_TOKENS = 32  # the toy recipe's caption length: every caption with the chat template fits
-SHIFT = 3.0  # the source's sampler shift (Z-Image-Turbo's): 0.094 against 0.062 at shift 1 for a toy source
+SHIFT = 3.0  # the source's sampler shift (Z-Image-Turbo's; bench/RESULTS.md compares it with shift 1)
 # The decoder learns on noisy latents: with 0.25 of the latent's spread in training, latents with 0.4 unit of noise
 # still decode to 0.979 ShapeEval (0.990 clean). Relative to the spread, so the encoder cannot outgrow the noise.
 VAE_LATENT_NOISE = 0.25

@@ -101,7 +101,10 @@ def test_a_toy_flux2_source_trains_into_klein_s_layout_on_the_features_it_will_b
                            "tokens-norm"], plan=TINY, source=target)
     assert [p["step"] for p in results["curve"]] == [0, 12, 24] and results["recipe"] == "lift"  # every stage ran
     assert set(results["overall"]) == {"ground truth", "vae", "source", "l2p", "scratch"}
-    assert set(results["ablation"]) == {"tokens-norm"} and (runs / "grid_step0.png").exists()
+    assert set(results["ablation"]) == {"tokens-norm"} and results["name"] == "tokens-norm"
+    named = ["results-tokens-norm.md", "results-tokens-norm.json", "grid-tokens-norm.png", "grid_step0-tokens-norm.png",
+             "curve-tokens-norm.png"]  # the default recipe's plain names stay free
+    assert all((runs / name).exists() for name in named) and not (runs / "results.json").exists()
     assert model.open_checkpoint(runs / "l2p-tokens-norm-init.safetensors").cfg.head_token_norm
     assert 0 < results["trainable_fraction"]["l2p"] < 1
     (target / "vae" / "config.json").write_text("{}")

@@ -116,6 +116,8 @@ def test_a_lifted_init_trains_on_its_samplers_states_with_the_x0_error(repo, syn
                   "--head-width", "16"])
     with pytest.raises(SystemExit, match="--states source needs .* --vae"):
         run(init, synth, tmp_path / "no-vae", "--max-steps", "1")
+    with pytest.raises(SystemExit, match="--vae is read only with --states source"):
+        run(init, synth, tmp_path / "unread-vae", "--max-steps", "1", "--vae", str(repo), "--states", "image")
     calls, forward = [], model.ZImageDiT.forward
 
     def recording(self, x, sigma, cap, cap_mask, **kwargs):
