@@ -2329,6 +2329,9 @@ BLOCK_DIM_ROWS, BLOCK_FFN_ROWS = 22, 7
 # Detailer Head, per pixel of a level with c channels (input c_in): encoder conv in/out, skip, decoder upsample,
 # concat (2c), conv out and activation, plus the gradients alive at the widest level.
 HEAD_ROWS_C, HEAD_ROWS_CIN = 8, 4
+# The source's VAE encoding a micro-batch under no_grad (--states source), per pixel, in rows of its first level's
+# channels: the peak measured for both VAEs (bench/RESULTS.md, the memory plan).
+VAE_ENCODE_ROWS = 6
 GIB = 2 ** 30
 CHUNK_ELEMENTS = 2 ** 26  # fp32 gradients made from .grad: at most ~this many elements (256 MB) exist at a time
 
@@ -2339,12 +2342,14 @@ def trainable_counts(cfg: "ZImageConfig | Flux2Config", train_blocks: int, stric
         net = new_model(cfg)
     trainable, frozen = set_trainable(net, train_blocks, strict, head_only)
     sizes = [p.numel() for p in net.parameters() if p.requires_grad]
-    return dict(trainable=trainable, frozen=frozen, largest=max(sizes), head=[c for _, c in net.local_decoder.levels])
+    return dict(trainable=trainable, frozen=frozen, largest=max(sizes), head=[c for _, c in net.local_decoder.levels],
+                head_only=head_only)
 
 
 def activation_bytes(cfg: ZImageConfig, head: list[int], res: int, micro_batch: int, caption_tokens: int,
-                     elem: int, checkpointing: bool) -> int:
-    """Activations of one forward + backward pass (micro-batch at res x res, captions of caption_tokens)."""
+                     elem: int, checkpointing: bool, head_only: bool = False) -> int:
+    """Activations of one forward + backward pass (micro-batch at res x res, captions of caption_tokens); head_only:
+    nothing in the DiT needs a gradient, so autograd keeps none of its tensors, one block's at a time are alive."""
     if cfg.family == "flux2":  # a double block counts as one block per stream; captions are not padded
         n_img, n_cap, ffn = (res // cfg.patch_size) ** 2, caption_tokens, cfg.mlp_hidden
         runs = [n_img, n_cap] * cfg.num_layers + [n_img + n_cap] * cfg.num_single_layers
@@ -2354,6 +2359,7 @@ def activation_bytes(cfg: ZImageConfig, head: list[int], res: int, micro_batch: 
     block = lambda s: s * (BLOCK_DIM_ROWS * cfg.dim + BLOCK_FFN_ROWS * ffn) * elem
     # with checkpointing each block keeps its input and one block at a time is recomputed in full
     dit = sum(runs) * cfg.dim * elem + block(n_img + n_cap) if checkpointing else sum(block(s) for s in runs)
+    dit = block(n_img + n_cap) if head_only else dit
     decoder, c_in, side = 0, cfg.in_channels, res
     for c in head:
         decoder, c_in, side = decoder + side * side * (HEAD_ROWS_C * c + HEAD_ROWS_CIN * c_in) * elem, c, side // 2
@@ -2362,8 +2368,10 @@ def activation_bytes(cfg: ZImageConfig, head: list[int], res: int, micro_batch: 
 
 
 def memory_plan(cfg: ZImageConfig, counts: dict, *, res: int, micro_batch: int, caption_tokens: int, elem: int,
-                low_memory: bool, world: int, zero: bool, ema: bool, checkpointing: bool) -> dict:
-    """Bytes per process, split into what lives on the GPU and on the host (low-memory mode)."""
+                low_memory: bool, world: int, zero: bool, ema: bool, checkpointing: bool,
+                vae: "FluxVAE | Flux2VAE | None" = None) -> dict:
+    """Bytes per process, split into what lives on the GPU and on the host (low-memory mode); `vae` (a meta module
+    will do): the source's VAE, which encodes each micro-batch before the forward pass (--states source)."""
     trainable, largest = counts["trainable"], counts["largest"]
     hook = world == 1 and not low_memory
     chunk = trainable if hook else math.ceil(trainable / world) if zero else min(trainable, CHUNK_ELEMENTS + largest)
@@ -2374,7 +2382,11 @@ def memory_plan(cfg: ZImageConfig, counts: dict, *, res: int, micro_batch: int, 
            "gradients in flight (largest two)" if hook else "gradients (.grad / DDP buckets)":
                2 * elem * largest if hook else elem * trainable}
     gpu.update({} if low_memory else optimizer)
-    gpu["activations"] = activation_bytes(cfg, counts["head"], res, micro_batch, caption_tokens, elem, checkpointing)
+    if vae is not None:
+        gpu["source VAE"] = elem * sum(p.numel() for p in vae.parameters())
+    encode = micro_batch * res * res * VAE_ENCODE_ROWS * vae.cfg.block_out_channels[0] * elem if vae is not None else 0
+    gpu["activations"] = max(encode, activation_bytes(cfg, counts["head"], res, micro_batch, caption_tokens, elem,
+                                                      checkpointing, counts["head_only"]))
     host = optimizer if low_memory else {}
     return dict(gpu={k: v for k, v in gpu.items() if v}, host={k: v for k, v in host.items() if v},
                 gpu_total=sum(gpu.values()), host_total=sum(host.values()))
@@ -2384,7 +2396,7 @@ def choose_memory_mode(cfg: "ZImageConfig | Flux2Config", counts: dict, *, per_r
                        low_memory: bool | None, zero: bool | None, world: int, capacity: float, **sizes
                        ) -> tuple[dict, int, bool, bool]:
     """(plan, micro-batch, low memory, ZeRO): the given ones (not None), else what the plan fits into `capacity`
-    bytes; sizes: memory_plan's res, caption_tokens, elem, ema, checkpointing."""
+    bytes; sizes: memory_plan's res, caption_tokens, elem, ema, checkpointing, vae."""
     plan = lambda micro, low, shard: memory_plan(cfg, counts, micro_batch=micro, low_memory=low, world=world,
                                                  zero=shard, **sizes)
     low = low_memory if low_memory is not None else capacity < 36e9 or plan(1, False, world > 1)["gpu_total"] > capacity

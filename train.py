@@ -504,9 +504,17 @@ def freeze(net: "model.ZImageDiT | model.Flux2DiT", args) -> tuple[int, int]:
     return model.set_trainable(net, args.train_blocks, args.strict_freeze, args.trainable == "head")
 
 
-def plan_sizes(args, caption_tokens: int) -> dict:
+def plan_sizes(args, caption_tokens: int, family: str) -> dict:
+    """memory_plan's sizes; with --states source the source's VAE, from its headers (--plan-only: the family's)."""
+    vae = None
+    if args.states == "source" and args.vae:
+        vae = model.load_vae(args.vae, "meta", family=family)
+    elif args.states == "source":
+        _, _, vae_class, vae_config, _ = model.VAE_FORMATS[family]
+        with torch.device("meta"):
+            vae = vae_class(vae_config())
     return dict(res=args.res, caption_tokens=caption_tokens, elem=4 if args.dtype == "fp32" else 2, ema=args.ema > 0,
-                checkpointing=args.grad_checkpointing)
+                checkpointing=args.grad_checkpointing, vae=vae)
 
 
 def choose_plan(args, cfg: model.ZImageConfig, caption_tokens: int, world: int, device: torch.device):
@@ -522,7 +530,7 @@ def choose_plan(args, cfg: model.ZImageConfig, caption_tokens: int, world: int, 
     capacity = 0.9 * torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else math.inf
     return model.choose_memory_mode(cfg, counts, per_rank=per_rank, micro_batch=args.micro_batch,
                                     low_memory=args.low_memory, zero=args.zero, world=world, capacity=capacity,
-                                    **plan_sizes(args, caption_tokens))
+                                    **plan_sizes(args, caption_tokens, cfg.family))
 
 
 def print_plans(args):
@@ -530,6 +538,7 @@ def print_plans(args):
     source = model.Flux2Config() if args.size == "flux2" else model.ZImageConfig()
     cfg = l2p_config_of(args.init) if args.init else model.l2p_config(source, 16)
     args.trainable = args.trainable or ("head" if cfg.lift_dim else "shallow")
+    args.states = args.states or ("source" if cfg.lift_dim else "image")
     counts = model.trainable_counts(cfg, args.train_blocks, args.strict_freeze, args.trainable == "head")
     print(f"L2P of {type(cfg).__name__.removesuffix('Config')}, p={cfg.patch_size}, dim={cfg.dim}: "
           f"{counts['trainable'] + counts['frozen']:,d} "
@@ -542,7 +551,7 @@ def print_plans(args):
              ("low memory, micro-batch 1, 1 GPU (24 GB card)", True, 1, False)]
     for title, low, world, zero in modes:
         print(model.format_plan(title, model.memory_plan(cfg, counts, micro_batch=1, low_memory=low, world=world,
-                                                         zero=zero, **plan_sizes(args, 512))))
+                                                         zero=zero, **plan_sizes(args, 512, cfg.family))))
 
 
 # ----------------------------------------------------------------------------------------------------------------

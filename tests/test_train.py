@@ -81,6 +81,13 @@ def synth(tmp_path_factory):
     return write_synth(tmp_path_factory.mktemp("data") / "synth")
 
 
+@pytest.fixture(scope="module")
+def lifted_init(repo, synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lift") / "lift.safetensors"
+    convert.main(["--src", str(repo), "--out", str(out), "--align-data", str(synth), "--head-steps", "3"])
+    return out
+
+
 def run(init, data, out, *extra):
     train.main(["--init", str(init), "--data", str(data), "--out", str(out), *TINY, *extra])
 
@@ -149,6 +156,10 @@ def test_a_lifted_init_trains_on_its_samplers_states_with_the_x0_error(repo, syn
     # the logged loss: the error of the predicted x0 = x - max(sigma, 0.05) v against the image itself
     x0_error = (x.double() - s.clamp_min(model.X0_MIN_SIGMA) * v.double() - x0).square().mean().item()
     assert losses(out)[1] == pytest.approx(x0_error, rel=1e-5)
+    # the memory plan holds the source's VAE (fp32 here: 4 bytes per value of its files) and its encoding peak
+    plan = log_rows(out, "plan")[0]["plan"]["gpu"]
+    vae_files = model.safetensors_files(repo / "vae")
+    assert plan["source VAE"] == 4 * sum(t.numel() for f in vae_files for t in load_file(str(f)).values())
 
 
 def test_loss_falls_frozen_tensors_stay_bit_identical_and_samples_are_written(init, synth, tmp_path):
@@ -486,11 +497,14 @@ print((kib("VmHWM") - base) * 1024)
 """
 
 
-@pytest.mark.parametrize("res,extra", [(96, []), (64, ["--low-memory", "--ema", "0.99", "--no-grad-checkpointing"])],
-                         ids=["standard-96px", "low-memory-ema-no-checkpointing-64px"])
-def test_the_plan_predicts_measured_peak_memory(init, synth, tmp_path, res, extra):
+@pytest.mark.parametrize("res,extra,lifted", [
+    (96, [], False), (64, ["--low-memory", "--ema", "0.99", "--no-grad-checkpointing"], False), (96, [], True)],
+    ids=["standard-96px", "low-memory-ema-no-checkpointing-64px", "lifted-head-only-source-states-96px"])
+def test_the_plan_predicts_measured_peak_memory(request, repo, synth, tmp_path, res, extra, lifted):
     """On CPU the GPU and host parts of the plan share one memory: their sum must match the growth of the peak RSS
     over a few steps (after a warm-up run has loaded the libraries), within 25%."""
+    init = request.getfixturevalue("lifted_init" if lifted else "init")
+    extra = [*extra, "--vae", str(repo)] if lifted else extra
     common = ["--init", str(init), "--data", str(synth), *TINY, "--res", str(res), *extra]
     run_ = subprocess.run([sys.executable, "-c", MEASURE_SCRIPT, str(tmp_path / "warm"), str(tmp_path / "measured"),
                            *common], cwd=ROOT, capture_output=True, text=True, check=True,
