@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -139,15 +140,20 @@ PROMPT_EFFECT_SIGMA = 0.9  # where the layout is decided, so where the source's 
 
 @torch.no_grad()
 def validation_metrics(ckpt: Path, images: torch.Tensor, cap: torch.Tensor, cap_mask: torch.Tensor,
-                       empty: torch.Tensor) -> tuple[float, float, float]:
-    """(validation loss, prompt effect, x0 validation loss) on held-out images (the source's samples for the
-    evaluation prompts).
+                       empty: torch.Tensor, vae, source_states: bool) -> tuple[float, float, float, float]:
+    """(validation loss, prompt effect, x0 validation loss, training-state x0 loss) on held-out images (the source's
+    samples for the evaluation prompts).
 
     The loss is the flow-matching loss at fixed sigmas and noise: a continuous measure of convergence that moves
     before ShapeEval, which needs well-formed objects; the x0 loss is the same error on x0 = x_sigma - sigma v
     (sigma^2 times it), the objective of train.py --loss x0. It can fall while the model ignores the prompt (the noisy
     image alone says much about v), so the prompt effect, |v(prompt) - v(empty prompt)| / |v(prompt)| at
-    sigma = PROMPT_EFFECT_SIGMA, shows whether the caption reaches the output at all (0 = deaf)."""
+    sigma = PROMPT_EFFECT_SIGMA, shows whether the caption reaches the output at all (0 = deaf).
+
+    Those noise the images themselves, a state a lifted model's sampler never holds: the training-state x0 loss is the
+    same x0 error against the same images from the states and forward pass train.py trains the model on (the whole
+    decode; source_states, train.py --states source: the image's in-span part replaced by the lift of its `vae`
+    latent, else the images noised), i.e. the held-out value of its training objective in one unit for every model."""
     net = model.load_model(ckpt, dtype=torch.float32).eval()
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
     losses = [(net((1 - s) * images + s * noise, torch.full((len(images),), s), cap, cap_mask) - (noise - images))
@@ -157,7 +163,12 @@ def validation_metrics(ckpt: Path, images: torch.Tensor, cap: torch.Tensor, cap_
     x = (1 - PROMPT_EFFECT_SIGMA) * images + PROMPT_EFFECT_SIGMA * noise
     v = net(x, s, cap, cap_mask)
     v_empty = net(x, s, empty.expand(len(images), -1, -1), torch.ones(len(images), empty.shape[1], dtype=torch.bool))
-    return float(torch.stack(losses).mean()), float((v - v_empty).norm() / v.norm().clamp_min(1e-12)), x0_loss
+    start = (net.lift.source_image(images, model.latent_tokens(vae, images), net.cfg.patch_size) if source_states
+             else images)
+    train_x0 = [(x - s * net(x, torch.full((len(images),), s), cap, cap_mask, span_detail=True) - images).square()
+                .mean() for s, x in ((s, (1 - s) * start + s * noise) for s in VAL_SIGMAS)]
+    return (float(torch.stack(losses).mean()), float((v - v_empty).norm() / v.norm().clamp_min(1e-12)), x0_loss,
+            float(torch.stack(train_x0).mean()))
 
 
 def recipe_flags(plan: Plan, recipe: str, source: Path) -> list:
@@ -172,8 +183,8 @@ def train_with_curve(name: str, init: Path, corpus: Path, run: Path, plan: Plan,
                      score_fn, log_file: Path, device: str, curve_file: Path) -> list[dict]:
     """The init scored (step 0), then train.py in segments of curve_every steps (a resumed run equals an
     uninterrupted one), scored after each: score_fn(checkpoint, tag) -> (ShapeEval dict, validation loss, prompt
-    effect, x0 validation loss). Every point is written to curve_file as it is scored, and the curve continues from
-    the points found there (a killed run, or a longer --steps)."""
+    effect, x0 validation loss, training-state x0 loss). Every point is written to curve_file as it is scored, and the
+    curve continues from the points found there (a killed run, or a longer --steps)."""
     curve = json.loads(curve_file.read_text()) if curve_file.exists() else []
     if not curve:
         shutil.rmtree(run, ignore_errors=True)
@@ -186,12 +197,13 @@ def train_with_curve(name: str, init: Path, corpus: Path, run: Path, plan: Plan,
                    "--sample-every", plan.pixel_steps, "--sample-steps", plan.sample_steps, "--sample-guidance",
                    plan.pixel_cfg, "--log-every", 25, *(["--resume"] if step > plan.curve_every else []),
                    log_file=log_file)
-        score, val, effect, val_x0 = score_fn(run / "trained.safetensors" if step else init, f"{name}_step{step}")
+        score, val, effect, val_x0, train_x0 = score_fn(run / "trained.safetensors" if step else init,
+                                                        f"{name}_step{step}")
         curve.append({"step": step, "overall": score["overall"], "val_loss": val, "val_x0_loss": val_x0,
-                      "prompt_effect": effect, "score": score})
+                      "train_state_x0_loss": train_x0, "prompt_effect": effect, "score": score})
         write_json(curve_file, curve)
-        log(f"{name} step {step}: ShapeEval {score['overall']:.3f}, validation loss {val:.4f} (x0 {val_x0:.4f}), "
-            f"prompt effect {effect:.3f}")
+        log(f"{name} step {step}: ShapeEval {score['overall']:.3f}, validation loss {val:.4f} (x0 {val_x0:.4f}, "
+            f"training states {train_x0:.4f}), prompt effect {effect:.3f}")
     return curve[:plan.pixel_steps // plan.curve_every + 1]
 
 
@@ -264,6 +276,7 @@ def save_grid(columns: dict[str, np.ndarray], prompts: list[str], path: Path, ro
 
 
 def write_report(results: dict, out: Path, suffix: str):
+    loss = lambda value: "-" if value is None else f"{value:.4f}"  # curves cached before the metric existed lack it
     scores = results["scores"]
     names = list(scores)
     lines = [f"# bench/shapes.py ({results['mode']}, L2P {results['name']}: recipe {results['recipe']})", "",
@@ -276,20 +289,22 @@ def write_report(results: dict, out: Path, suffix: str):
                   f"{share} at {m['step']} ({m['scratch']:.3f})" if m else f"{share} not reached"
                   for share, m in results["milestones"].items()),
               f"trainable fraction: L2P {results['trainable_fraction']['l2p']:.1%}, scratch 100%", "",
-              "| step | model | ShapeEval | validation loss | x0 validation loss | prompt effect |",
-              "|---|---|---|---|---|---|"]
+              "| step | model | ShapeEval | validation loss | x0 validation loss | training-state x0 loss | prompt "
+              "effect |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {p['step']} | {name} | {p[name]:.3f} | {p[name + '_val_loss']:.4f} | "
-              f"{p[name + '_val_x0_loss']:.4f} | {p[name + '_prompt_effect']:.3f} |"
-              for p in results["curve"] for name in CURVE_COLOURS if name in p]
+              f"{p[name + '_val_x0_loss']:.4f} | {loss(p.get(name + '_train_state_x0_loss'))} | "
+              f"{p[name + '_prompt_effect']:.3f} |" for p in results["curve"] for name in CURVE_COLOURS if name in p]
     lines += ["", "Ablation: L2P recipes run in this folder (`--recipe`), the converted model (step 0) and the last "
               "curve point; time = training + curve evaluations", "",
               "| recipe | step | ShapeEval | " + " | ".join(shapeworld.TASKS) + " | validation loss | "
-              "x0 validation loss | prompt effect | seconds |", "|---|" + "---|" * (len(shapeworld.TASKS) + 6)]
+              "x0 validation loss | training-state x0 loss | prompt effect | seconds |",
+              "|---|" + "---|" * (len(shapeworld.TASKS) + 7)]
     for name, row in results["ablation"].items():
         for p in (row["first"], row["last"]):
             lines.append(f"| {name} | {p['step']} | {p['overall']:.3f} | " + " | ".join(
                 f"{p['score']['per_task'][t]:.3f}" for t in shapeworld.TASKS) + f" | {p['val_loss']:.4f} | "
-                f"{p['val_x0_loss']:.4f} | {p['prompt_effect']:.3f} | {row['seconds'] or 0:.0f} |")
+                f"{p['val_x0_loss']:.4f} | {loss(p.get('train_state_x0_loss'))} | {p['prompt_effect']:.3f} | "
+                f"{row['seconds'] or 0:.0f} |")
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["seconds"].items()]
     model.atomic_write(out / f"results{suffix}.md", ("\n".join(lines) + "\n").encode())
@@ -472,18 +487,24 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
     empty_cap = text.encode([""])[0]
     del text
 
-    def score_pixel(ckpt: Path, tag: str) -> tuple[dict, float, float, float]:
+    vae = model.load_vae(source)
+
+    def score_pixel(ckpt: Path, tag: str, source_states: bool) -> tuple[dict, float, float, float, float]:
         sample_with_script(out / f"samples_{tag}", eval_prompts, plan, log_file, device, ckpt=ckpt,
                            text_encoder=source)
         score = shapeworld.score(list(read_samples(out / f"samples_{tag}")), sampled_scenes)
-        return score, *validation_metrics(ckpt, toysource.to_tensor(source_images), val_cap, val_mask, empty_cap)
+        return score, *validation_metrics(ckpt, toysource.to_tensor(source_images), val_cap, val_mask, empty_cap,
+                                          vae, source_states)
 
     curves, pixel_images = {}, {}
     for name, tag, start, data, blocks, flags in runs:
         begin, curve_file = time.time(), out / f"curve_{tag}.json"
         points_before = len(json.loads(curve_file.read_text())) if curve_file.exists() else 0
-        curves[name] = train_with_curve(tag, start, data, out / f"run_{tag}", plan, blocks, flags, score_pixel,
-                                        log_file, device, curve_file)
+        states = next((f.split("=", 1)[1] if "=" in f else flags[i + 1] for i, f in enumerate(map(str, flags))
+                       if f.startswith("--states")), None)  # none: train.py's default
+        source_states = states == "source" or states is None and bool(model.open_checkpoint(start).cfg.lift_dim)
+        curves[name] = train_with_curve(tag, start, data, out / f"run_{tag}", plan, blocks, flags,
+                                        partial(score_pixel, source_states=source_states), log_file, device, curve_file)
         if len(json.loads(curve_file.read_text())) > points_before:
             key = f"train.py + sample.py: {tag}"
             seconds[key] = (seconds.get(key, 0) if points_before else 0) + time.time() - begin
@@ -499,7 +520,7 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
     trainable, frozen = model.set_trainable(toy, plan.train_blocks, head_only=bool(l2p_cfg.lift_dim))
     curve = [{"step": points[0]["step"], **{k: v for name, p in zip(curves, points) for k, v in (
         (name, p["overall"]), (f"{name}_val_loss", p["val_loss"]), (f"{name}_val_x0_loss", p["val_x0_loss"]),
-        (f"{name}_prompt_effect", p["prompt_effect"]))}}
+        (f"{name}_train_state_x0_loss", p.get("train_state_x0_loss")), (f"{name}_prompt_effect", p["prompt_effect"]))}}
         for points in zip(*curves.values())]
     # the paper's GenEval ratio (L2P / source) is 0.93: the first curve point where L2P reaches each share of the source
     milestones = {f"{share:.0%}": next(({"step": p["step"], "l2p": p["l2p"], "scratch": p["scratch"]} for p in curve

@@ -34,6 +34,9 @@ def test_every_stage_runs_from_the_shipped_source_and_the_l2p_loss_falls(tmp_pat
     assert [p["step"] for p in saved["curve"]] == [0, 12, 24]  # step 0: the converted model, before training
     assert all(0 < p[f"{name}_val_loss"] < 10 and 0 <= p[f"{name}_prompt_effect"] < 10
                for p in saved["curve"] for name in ("l2p", "scratch", "l2p_real"))
+    # scratch trains on the images noised (its training-state loss is its x0 loss); the lifted L2P on its sampler's
+    assert all(p["scratch_train_state_x0_loss"] == pytest.approx(p["scratch_val_x0_loss"], rel=1e-4) and
+               abs(p["l2p_train_state_x0_loss"] / p["l2p_val_x0_loss"] - 1) > 1e-2 for p in saved["curve"])
     assert 0 < saved["trainable_fraction"]["l2p"] < 1
     assert Image.open(tmp_path / "grid.png").size[0] > 4 * 64 and Image.open(tmp_path / "curve.png").size == (1100, 420)
     assert saved["recipe"] == "lift" and set(saved["ablation"]) == {"lift"}
@@ -136,11 +139,13 @@ def test_the_prompt_effect_sees_a_head_that_has_gone_deaf_to_the_tokens(tmp_path
         path = tmp_path / f"{name}.safetensors"
         shapes.model.write_safetensors(path, {k: v.detach().contiguous() for k, v in net.state_dict().items()},
                                        {"format": "l2p", "l2p_patch": "16"})
-        return shapes.validation_metrics(path, images, cap, mask, empty)
+        return shapes.validation_metrics(path, images, cap, mask, empty, vae=None, source_states=False)
 
-    loss, hearing, _ = metrics("hearing")
+    loss, hearing, x0_loss, train_state_x0_loss = metrics("hearing")
     with torch.no_grad():  # the bottleneck's token inputs cut: the only way the caption reaches the output
         net.local_decoder.bottleneck[0].weight[:, -shapes.toysource.TOY_DIT.dim:] = 0
-    deaf_loss, deaf, _ = metrics("deaf")
+    deaf_loss, deaf, _, _ = metrics("deaf")
     assert hearing > 0.01 and deaf == 0.0
     assert 0 < loss < 10 and 0 < deaf_loss < 10
+    # an unlifted model trains on the images noised: x - sigma v - x0 = sigma (eps - x0 - v), the x0 loss itself
+    assert train_state_x0_loss == pytest.approx(x0_loss, rel=1e-4)
