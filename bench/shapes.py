@@ -386,7 +386,7 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
         return toysource.train_source(toysource.SourcePlan(), work, args.device, args.seed, source, args.family)
     manifest = toysource.check_source(source)
     if args.eval_source:
-        return eval_source(source, manifest, args.device)
+        return eval_source(source, manifest, args.device, Path(args.runs or ROOT / "bench" / "runs"))
     mode = "full" if args.full else "quick"
     plan = plan or (FULL if args.full else QUICK)
     out = Path(args.runs or ROOT / "bench" / "runs" / f"shapes-{mode}{'' if args.family == 'zimage' else '-flux2'}")
@@ -551,10 +551,9 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
     return results
 
 
-def eval_source(source: Path, manifest: dict, device: str) -> dict:
+def eval_source(source: Path, manifest: dict, device: str, work: Path) -> dict:
     """--eval-source: the shipped source's ShapeEval (its manifest's protocol) and VAE reconstructions, again."""
     plan = toysource.SourcePlan(**manifest["plan"])
-    work = ROOT / "bench" / "runs"
     work.mkdir(parents=True, exist_ok=True)
     score = toysource.score_source(source, plan, device, work / "eval-source.log")
     recon = toysource.vae_score(model.load_vae(source), plan, "cpu")

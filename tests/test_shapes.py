@@ -110,6 +110,9 @@ def test_a_toy_flux2_source_trains_into_klein_s_layout_on_the_features_it_will_b
     assert all((runs / name).exists() for name in named) and not (runs / "results.json").exists()
     assert model.open_checkpoint(runs / "l2p-tokens-norm-init.safetensors").cfg.head_token_norm
     assert 0 < results["trainable_fraction"]["l2p"] < 1
+    again = shapes.main(["--family", "flux2", "--eval-source", "--runs", str(runs)], source=target)
+    for key in ("shapeeval", "vae_reconstructions"):  # --eval-source scores it as its manifest says it scored
+        assert again[key]["overall"] == pytest.approx(manifest[key]["overall"], abs=0.03), key
     (target / "vae" / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="differ from its manifest.*vae/config.json"):
         toysource.check_source(target)
