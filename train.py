@@ -156,9 +156,7 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
     cfg = l2p_config_of(args.init)
     if args.res % cfg.patch_size:
         raise SystemExit(f"--res {args.res} must be a multiple of the model's patch {cfg.patch_size}")
-    args.trainable = args.trainable or ("head" if cfg.lift_dim else "shallow")
-    args.loss = args.loss or ("x0" if cfg.x_prediction else "v")
-    args.states = args.states or ("source" if cfg.lift_dim else "image")
+    recipe_defaults(args, cfg)
     if args.states == "source" and not (cfg.lift_dim and args.vae and args.loss == "x0"):
         raise SystemExit(f"--states source needs a lifted init (convert.py --recipe lift), --vae <the source's VAE> "
                          f"and --loss x0; got {'a lifted' if cfg.lift_dim else 'an unlifted'} init, --vae {args.vae}, "
@@ -461,6 +459,13 @@ def lr_scale(name: str, params: dict[str, torch.Tensor], head_fan_in: int) -> fl
     return min(1.0, head_fan_in / math.prod(weight.shape[1:]))
 
 
+def recipe_defaults(args, cfg: "model.ZImageConfig | model.Flux2Config"):
+    """--trainable, --loss and --states where not given: what the init's recipe trains with (see --help)."""
+    args.trainable = args.trainable or ("head" if cfg.lift_dim else "shallow")
+    args.loss = args.loss or ("x0" if cfg.x_prediction else "v")
+    args.states = args.states or ("source" if cfg.lift_dim else "image")
+
+
 def l2p_config_of(path) -> model.ZImageConfig:
     """The config of an L2P checkpoint (headers only); a latent Z-Image checkpoint is refused."""
     cfg = model.open_checkpoint(path).cfg
@@ -537,8 +542,7 @@ def print_plans(args):
     """--plan-only: the plan of each mode for the real-size L2P (or --init's size), without loading weights."""
     source = model.Flux2Config() if args.size == "flux2" else model.ZImageConfig()
     cfg = l2p_config_of(args.init) if args.init else model.l2p_config(source, 16)
-    args.trainable = args.trainable or ("head" if cfg.lift_dim else "shallow")
-    args.states = args.states or ("source" if cfg.lift_dim else "image")
+    recipe_defaults(args, cfg)
     counts = model.trainable_counts(cfg, args.train_blocks, args.strict_freeze, args.trainable == "head")
     print(f"L2P of {type(cfg).__name__.removesuffix('Config')}, p={cfg.patch_size}, dim={cfg.dim}: "
           f"{counts['trainable'] + counts['frozen']:,d} "

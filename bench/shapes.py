@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import model  # noqa: E402
 import shapeworld  # noqa: E402
 import toysource  # noqa: E402
+import train  # noqa: E402
 
 SIZE = toysource.SIZE
 HEAD_WIDTH = 16  # the toy Detailer Head: the released layout with a quarter of the channels
@@ -500,11 +501,12 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
     for name, tag, start, data, blocks, flags in runs:
         begin, curve_file = time.time(), out / f"curve_{tag}.json"
         points_before = len(json.loads(curve_file.read_text())) if curve_file.exists() else 0
-        states = next((f.split("=", 1)[1] if "=" in f else flags[i + 1] for i, f in enumerate(map(str, flags))
-                       if f.startswith("--states")), None)  # none: train.py's default
-        source_states = states == "source" or states is None and bool(model.open_checkpoint(start).cfg.lift_dim)
+        train_args = train.parse_args(["--init", str(start), "--data", str(data), "--out", str(out / f"run_{tag}"),
+                                       *map(str, flags)])
+        train.recipe_defaults(train_args, model.open_checkpoint(start).cfg)  # the states train.py will train it on
         curves[name] = train_with_curve(tag, start, data, out / f"run_{tag}", plan, blocks, flags,
-                                        partial(score_pixel, source_states=source_states), log_file, device, curve_file)
+                                        partial(score_pixel, source_states=train_args.states == "source"), log_file,
+                                        device, curve_file)
         if len(json.loads(curve_file.read_text())) > points_before:
             key = f"train.py + sample.py: {tag}"
             seconds[key] = (seconds.get(key, 0) if points_before else 0) + time.time() - begin
