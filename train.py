@@ -10,11 +10,10 @@ The objective is written out in the loop (L2P.md): x0 in [-1, 1], sigma one of 1
 x_sigma = (1 - sigma) x0 + sigma eps, plain fp32 MSE between v and eps - x0. Every draw is seeded by the sample's
 global position: any number of processes or micro-batches gives the same run, and --resume continues it exactly.
 An init converted from FLUX.2 [klein] trains the same way, on sigmas shifted as its sampler's (exp(mu), 7.56 at 1024^2).
-An init of convert.py's lift recipe (the converted model already samples the source's scenes) trains its Detailer Head
-alone on the x0 error (--trainable head --loss x0, its defaults), on the states its sampler holds: x0's part inside the
-lift's span replaced by the lifted latent of x0 through the source's VAE (--vae), then noised. Noising x0 itself feeds
-the DiT a projection it misreads, and training on that erodes the converted model. The other recipes train the
-shallow layers on the images noised.
+An init of convert.py's lift recipe (it already samples the source's scenes) trains its Detailer Head alone on the x0
+error (--trainable head --loss x0, its defaults), on its sampler's states: x0's part inside the lift's span replaced by
+the lifted latent of x0 through the source's VAE (--vae), then noised; noising x0 itself feeds the DiT a projection it
+misreads, and training on that erodes the converted model. The other recipes train the shallow layers on noised images.
 
 The network computes in --dtype (bf16 on CUDA, fp32 on the CPU); AdamW updates fp32 masters of the trained tensors
 (model.set_trainable's policy), copied back after each step. Gradients: in one process a post-accumulate-grad hook
@@ -224,10 +223,9 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
             eps = torch.stack([torch.randn(x0.shape[1:], device=device, generator=seeded(args.seed, "noise", p, device))
                                for p in mb["position"]])
             s = sigma.view(-1, 1, 1, 1)
-            start_image = x0
-            if vae is not None:
-                with torch.no_grad():
-                    start_image = net.lift.source_image(x0, model.latent_tokens(vae, x0.to(dtype)), cfg.patch_size)
+            with torch.no_grad():
+                start_image = x0 if vae is None else net.lift.source_image(
+                    x0, model.latent_tokens(vae, x0.to(dtype)), cfg.patch_size)
             with ddp.no_sync() if ddp and i < n_micro - 1 else contextlib.nullcontext():
                 x_sigma = (1 - s) * start_image + s * eps
                 v = (ddp or net)(x_sigma.to(dtype), sigma, cap, cap_mask, span_detail=True).float()
