@@ -358,9 +358,10 @@ def main(argv=None):
     print(f"wrote   {out}: {len(specs)} tensors, {count(specs):,d} params, {out.stat().st_size / 1e9:.2f} GB "
           f"in {time.time() - start:.0f} s")
     blocks = min(5, model.block_count(target_cfg) // 2)
-    counts = model.trainable_counts(target_cfg, blocks, strict=False, head_only=False)
-    print(f"freeze policy --train-blocks {blocks}: {counts['trainable']:,d} trainable, {counts['frozen']:,d} frozen "
-          "parameters")
+    head_only = bool(target_cfg.lift_dim)  # train.py's default for a lifted init: the Detailer Head alone
+    counts = model.trainable_counts(target_cfg, blocks, strict=False, head_only=head_only)
+    print(f"freeze policy {'--trainable head' if head_only else f'--train-blocks {blocks}'}: "
+          f"{counts['trainable']:,d} trainable, {counts['frozen']:,d} frozen parameters")
 
 
 if __name__ == "__main__":

@@ -1985,6 +1985,14 @@ def header_sha256(file: Path) -> str:
         return hashlib.sha256(f.read(8 + int.from_bytes(f.read(8), "little"))).hexdigest()
 
 
+def weights_sha256(module: nn.Module) -> str:
+    """A fingerprint of a module's weights by content (two fine-tunes of one architecture share a file header)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None,
                       specs: dict[str, torch.Tensor] | None = None) -> None:
     """Write a .safetensors file atomically (temp file + rename), streaming: one tensor in memory at a time.

@@ -10,24 +10,20 @@ The objective is written out in the loop (L2P.md): x0 in [-1, 1], sigma one of 1
 x_sigma = (1 - sigma) x0 + sigma eps, plain fp32 MSE between v and eps - x0. Every draw is seeded by the sample's
 global position: any number of processes or micro-batches gives the same run, and --resume continues it exactly.
 An init converted from FLUX.2 [klein] trains the same way, on sigmas shifted as its sampler's (exp(mu), 7.56 at 1024^2).
-An init of convert.py's lift recipe (it already samples the source's scenes) trains its Detailer Head alone on the x0
-error (--trainable head --loss x0, its defaults), on its sampler's states: x0's part inside the lift's span replaced by
-the lifted latent of x0 through the source's VAE (--vae), then noised; noising x0 itself feeds the DiT a projection it
-misreads, and training on that erodes the converted model. The other recipes train the shallow layers on noised images.
+An init of convert.py's lift recipe trains its Detailer Head alone on the x0 error (--trainable head --loss x0) on its
+sampler's states: x0's in-span part replaced by the lift of x0's VAE latent (--vae), noised; noising x0 itself erodes
+the converted model (the DiT misreads the projection). The other recipes train the shallow layers on noised images.
 
 The network computes in --dtype (bf16 on CUDA, fp32 on the CPU); AdamW updates fp32 masters of the trained tensors
-(model.set_trainable's policy), copied back after each step. Gradients: in one process a post-accumulate-grad hook
-adds each into its master's fp32 .grad as soon as it is formed and frees it, so micro-batches accumulate in fp32
-(torch's default would in bf16); under torchrun DistributedDataParallel all-reduces bf16 buckets (the .grad tensors
-are views into them) during the backward pass, earlier micro-batches under no_sync(). Memory modes (--plan-only):
+(model.set_trainable's policy), micro-batches accumulating in fp32 (MasterWeights; torch's default would in bf16),
+under torchrun through DistributedDataParallel's bf16 buckets. Memory modes (--plan-only):
   standard    masters and AdamW on the GPU; under torchrun ZeroRedundancyOptimizer shards AdamW's state (--zero)
   low memory  masters and AdamW on the CPU (fused CPU AdamW, a chunk of tensors at a time), gradients on the GPU in
               the weights' dtype (fp32 gradients would double the host's share): the real model fits a 24 GB card. The
               default on cards under 40 GB or where standard does not fit.
 
-Writes in --out: trained.safetensors (the trained tensors, and where their init is: model.load_model and sample.py
-read it over its init; `convert.py --src trained.safetensors` merges), trained_ema.safetensors (--ema),
-train_state.pt (+ train_state.rank<r>.pt under ZeRO: AdamW state, step), log.jsonl, samples/step_*.png, features/.
+Writes in --out: trained.safetensors (the trained tensors, read over their init by sample.py; `convert.py --src`
+merges it), trained_ema.safetensors (--ema), train_state.pt (+ .rank<r>.pt under ZeRO), log.jsonl, samples/, features/.
 """
 
 import argparse
@@ -156,23 +152,19 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
     if args.res % cfg.patch_size:
         raise SystemExit(f"--res {args.res} must be a multiple of the model's patch {cfg.patch_size}")
     recipe_defaults(args, cfg)
-    if args.states == "source" and not (cfg.lift_dim and args.vae and args.loss == "x0"):
-        raise SystemExit(f"--states source needs a lifted init (convert.py --recipe lift), --vae <the source's VAE> "
-                         f"and --loss x0; got {'a lifted' if cfg.lift_dim else 'an unlifted'} init, --vae {args.vae}, "
-                         f"--loss {args.loss}. Pass them, or --states image to noise the images themselves")
-    if args.vae and args.states == "image":
-        raise SystemExit("--vae is read only with --states source (a lifted init's sampler states); with --states "
-                         "image the images are noised as they are: drop --vae")
+    if args.states == "source" and not args.vae:
+        raise SystemExit("--states source needs the source's VAE to make its states (a lifted init's default): pass "
+                         "--vae <the source's repo, vae/ folder or file>, or --states image to noise the images")
     if args.shift is None:  # train on the sigmas the sampler uses at this size
         tokens = (args.res // cfg.patch_size) ** 2
-        flux2 = cfg.family == "flux2"
-        args.shift = math.exp(model.compute_empirical_mu(tokens, 50)) if flux2 else 3.0
+        args.shift = math.exp(model.compute_empirical_mu(tokens, 50)) if cfg.family == "flux2" else 3.0
     out.mkdir(parents=True, exist_ok=True)
     records = model.find_records(Path(args.data))
     negative, caption_tokens = prepare_features(records, args, cfg, device, rank, world)
     plan, micro, low_memory, zero = choose_plan(args, cfg, caption_tokens, world, device)
     vae = model.load_vae(args.vae, device, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
                          family=cfg.family).eval() if args.states == "source" else None
+    args.vae_weights = model.weights_sha256(vae) if vae is not None else None  # part of the run's identity
     n_micro = args.batch_size // world // micro
     state, shards = load_train_state(out, args, records) if args.resume else (None, [])
     start, log = state["step"] if state else 0, Log(out, rank, state and state["step"])
@@ -268,9 +260,8 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
             path = write_samples(net, [r.features for r in records[:args.sample_count]], negative, args, step, out)
             log({"event": "samples", "step": step, "path": str(path)}, f"samples: {path}")
 
-    everyone = [bad_images]
+    everyone = [bad_images] * world
     if world > 1:
-        everyone = [None] * world
         dist.all_gather_object(everyone, bad_images)
     names = sorted({records[i].name for part in everyone for i in part})
     log({"event": "summary", "step": args.max_steps, **counters, "unreadable": names},
@@ -458,10 +449,18 @@ def lr_scale(name: str, params: dict[str, torch.Tensor], head_fan_in: int) -> fl
 
 
 def recipe_defaults(args, cfg: "model.ZImageConfig | model.Flux2Config"):
-    """--trainable, --loss and --states where not given: what the init's recipe trains with (see --help)."""
+    """--trainable, --loss and --states where not given: what the init's recipe trains with (see --help). The
+    combinations that cannot train are refused here, for training and --plan-only alike."""
     args.trainable = args.trainable or ("head" if cfg.lift_dim else "shallow")
     args.loss = args.loss or ("x0" if cfg.x_prediction else "v")
     args.states = args.states or ("source" if cfg.lift_dim else "image")
+    if args.states == "source" and not (cfg.lift_dim and args.loss == "x0"):
+        raise SystemExit(f"--states source needs a lifted init (convert.py --recipe lift) and --loss x0; got "
+                         f"{'a lifted' if cfg.lift_dim else 'an unlifted'} init and --loss {args.loss}. Pass them, or "
+                         "--states image to noise the images themselves")
+    if args.vae and args.states == "image":
+        raise SystemExit("--vae is read only with --states source (a lifted init's sampler states); with --states "
+                         "image the images are noised as they are: drop --vae")
 
 
 def l2p_config_of(path) -> model.ZImageConfig:
@@ -510,12 +509,10 @@ def freeze(net: "model.ZImageDiT | model.Flux2DiT", args) -> tuple[int, int]:
 def plan_sizes(args, caption_tokens: int, family: str) -> dict:
     """memory_plan's sizes; with --states source the source's VAE, from its headers (--plan-only: the family's)."""
     vae = None
-    if args.states == "source" and args.vae:
-        vae = model.load_vae(args.vae, "meta", family=family)
-    elif args.states == "source":
+    if args.states == "source":
         _, _, vae_class, vae_config, _ = model.VAE_FORMATS[family]
         with torch.device("meta"):
-            vae = vae_class(vae_config())
+            vae = model.load_vae(args.vae, "meta", family=family) if args.vae else vae_class(vae_config())
     return dict(res=args.res, caption_tokens=caption_tokens, elem=4 if args.dtype == "fp32" else 2, ema=args.ema > 0,
                 checkpointing=args.grad_checkpointing, vae=vae)
 
@@ -542,11 +539,12 @@ def print_plans(args):
     cfg = l2p_config_of(args.init) if args.init else model.l2p_config(source, 16)
     recipe_defaults(args, cfg)
     counts = model.trainable_counts(cfg, args.train_blocks, args.strict_freeze, args.trainable == "head")
+    trains = "--trainable head" if args.trainable == "head" else \
+        f"--train-blocks {args.train_blocks}{', strict' if args.strict_freeze else ''}"
     print(f"L2P of {type(cfg).__name__.removesuffix('Config')}, p={cfg.patch_size}, dim={cfg.dim}: "
-          f"{counts['trainable'] + counts['frozen']:,d} "
-          f"params, {counts['trainable']:,d} trainable (--train-blocks {args.train_blocks}"
-          f"{', strict' if args.strict_freeze else ''}), {args.res}^2, captions of 512 tokens (the maximum), "
-          f"{args.dtype or 'bf16'}, gradient checkpointing {'on' if args.grad_checkpointing else 'off'}")
+          f"{counts['trainable'] + counts['frozen']:,d} params, {counts['trainable']:,d} trainable ({trains}), "
+          f"{args.res}^2, captions of 512 tokens (the maximum), {args.dtype or 'bf16'}, gradient checkpointing "
+          f"{'on' if args.grad_checkpointing else 'off'}")
     modes = [("standard, micro-batch 1, 8 GPUs (the paper's setup)", False, 8, False),
              ("standard + ZeRO, micro-batch 1, 8 GPUs", False, 8, True),
              ("standard, micro-batch 1, 1 GPU (batch 8 by accumulation)", False, 1, False),
@@ -562,9 +560,10 @@ def print_plans(args):
 
 
 def run_settings(args, records: list[model.Record]) -> dict:
-    """What defines a run's trajectory; the init and the data by content, so a moved run folder still resumes."""
+    """What defines a run's trajectory; the init, the data and the VAE by content: a moved run folder still resumes."""
     data = hashlib.sha256(json.dumps([(r.name, r.caption) for r in records]).encode()).hexdigest()
-    return {"init": model.header_sha256(Path(args.init)), "data": data, **{k: getattr(args, k) for k in RUN_DEFINING}}
+    return {"init": model.header_sha256(Path(args.init)), "data": data, "vae": args.vae_weights,
+            **{k: getattr(args, k) for k in RUN_DEFINING}}
 
 
 def save_checkpoint(out: Path, weights: MasterWeights, step: int, counters: dict, args, records, rank: int, world: int):
@@ -598,7 +597,8 @@ def load_train_state(out: Path, args, records) -> tuple[dict, list[dict]]:
     now = run_settings(args, records)
     for key, value in state["settings"].items():
         if now[key] != value:
-            what = {"init": "not the checkpoint the run started from", "data": "not the data the run started with"}
+            what = {"init": "not the checkpoint the run started from", "data": "not the data the run started with",
+                    "vae": "not the VAE the run started with"}
             raise SystemExit(f"--resume: --{key.replace('_', '-')} " + what.get(key, f"is {now[key]!r} but the run "
                              f"started with {value!r}") + "; resume with the run's settings, or start a new --out")
     shards = [state] + [torch.load(out / n, weights_only=True, map_location="cpu", mmap=True) for n in state["shards"]]

@@ -172,11 +172,10 @@ def validation_metrics(ckpt: Path, images: torch.Tensor, cap: torch.Tensor, cap_
             float(torch.stack(train_x0).mean()))
 
 
-def recipe_flags(plan: Plan, recipe: str, source: Path) -> list:
-    """train.py's flags for a recipe (the rest follows the init: train.py's defaults); a lifted init trains on its
-    sampler's states, which need the source's VAE."""
+def recipe_flags(plan: Plan, recipe: str) -> list:
+    """train.py's flags for a recipe (the rest follows the init: train.py's defaults)."""
     if recipe == "lift":
-        return ["--lr", plan.lift_lr, "--vae", source]
+        return ["--lr", plan.lift_lr]
     return ["--lr", plan.pixel_lr, "--head-lr-fan-in", plan.head_lr_fan_in]
 
 
@@ -338,19 +337,26 @@ def parse_args(argv=None):
                              "their curves continue from a shorter run in the same --runs folder, and a killed run "
                              "continues from its last curve point")
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for every stage")
-    parser.add_argument("--runs", help="where stages are cached (default bench/runs/shapes-quick or shapes-full)")
+    parser.add_argument("--runs", help="where stages are cached (default bench/runs/shapes-quick or shapes-full, "
+                                       "+ -flux2 for that family; with --eval-source, where its log goes: bench/runs)")
     parser.add_argument("--fresh", action="store_true", help="redo every stage (the shipped source is kept)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the evaluation prompts, the corpus and the inits")
     parser.add_argument("--train-source", action="store_true",
                         help="train the toy source and write it to bench/toy-source/ (resumes from "
-                             "bench/runs/train-source/; ~2-3 h on 2 CPU cores, minutes on a GPU)")
+                             "bench/runs/train-source/; ~4-5 h on 2 CPU cores, minutes on a GPU)")
     parser.add_argument("--family", choices=["zimage", "flux2"], default="zimage",
                         help="the source family: Z-Image's toy (bench/toy-source/) or FLUX.2 [klein]'s "
                              "(bench/toy-source-flux2/, trained into bench/runs/train-source-flux2/); its runs go to "
                              "bench/runs/shapes-quick-flux2 or shapes-full-flux2")
     parser.add_argument("--eval-source", action="store_true",
                         help="re-measure the shipped source's ShapeEval and VAE reconstructions against its manifest")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.convert_flags or args.train_flags) and (not args.name or args.name in model.RECIPES):
+        raise SystemExit("--convert-flags and --train-flags make another run: name it (and its curve) with a --name "
+                         f"that is not a recipe's ({', '.join(model.RECIPES)})")
+    if args.name in model.RECIPES and args.name != args.recipe:
+        raise SystemExit(f"--name {args.name} is the {args.name} recipe's: pass --recipe {args.name} or another --name")
+    return args
 
 
 def write_json(path: Path, value):
@@ -462,8 +468,6 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
         "--shift", toysource.sampler_shift(args.family, plan.sample_steps),
         "--batch-size", 64, "--device", device, "--dtype", "fp32", log_file=log_file), corpus / "metadata.jsonl")
     recipe, l2p_name = args.recipe, args.name or args.recipe
-    if args.convert_flags and not args.name:
-        raise SystemExit("--convert-flags makes another init: name it (and its curve) with --name")
     init = out / f"l2p-{l2p_name if args.convert_flags else recipe}-init.safetensors"
     scratch_init = out / "scratch-init.safetensors"
     align = ["--align-data", corpus] if recipe in ("embedder", "lift") else []
@@ -475,7 +479,7 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
     if not scratch_init.exists():
         random_pixel_init(scratch_init, args.seed, source_cfg)
     scratch_flags = ["--lr", plan.pixel_lr, "--head-lr-fan-in", plan.head_lr_fan_in]
-    l2p_flags = recipe_flags(plan, recipe, source) + shlex.split(args.train_flags)
+    l2p_flags = recipe_flags(plan, recipe) + shlex.split(args.train_flags)
     runs = [("l2p", f"l2p-{l2p_name}", init, corpus, plan.train_blocks, l2p_flags),
             ("scratch", "scratch", scratch_init, corpus, model.block_count(source_cfg) // 2, scratch_flags)]
     if args.real_data:
@@ -497,13 +501,16 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
         return score, *validation_metrics(ckpt, toysource.to_tensor(source_images), val_cap, val_mask, empty_cap,
                                           vae, source_states)
 
-    curves, pixel_images = {}, {}
+    curves, pixel_images, freeze = {}, {}, {}
     for name, tag, start, data, blocks, flags in runs:
         begin, curve_file = time.time(), out / f"curve_{tag}.json"
         points_before = len(json.loads(curve_file.read_text())) if curve_file.exists() else 0
         train_args = train.parse_args(["--init", str(start), "--data", str(data), "--out", str(out / f"run_{tag}"),
                                        *map(str, flags)])
-        train.recipe_defaults(train_args, model.open_checkpoint(start).cfg)  # the states train.py will train it on
+        train.recipe_defaults(train_args, model.open_checkpoint(start).cfg)  # what train.py will train, on what
+        if train_args.states == "source":  # the sampler's states are made through the source's VAE
+            flags = [*flags, "--vae", source]
+        freeze[name] = dict(strict=train_args.strict_freeze, head_only=train_args.trainable == "head")
         curves[name] = train_with_curve(tag, start, data, out / f"run_{tag}", plan, blocks, flags,
                                         partial(score_pixel, source_states=train_args.states == "source"), log_file,
                                         device, curve_file)
@@ -519,7 +526,7 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
     l2p_cfg = model.open_checkpoint(init).cfg
     with torch.device("meta"):
         toy = model.new_model(l2p_cfg)
-    trainable, frozen = model.set_trainable(toy, plan.train_blocks, head_only=bool(l2p_cfg.lift_dim))
+    trainable, frozen = model.set_trainable(toy, plan.train_blocks, **freeze["l2p"])
     curve = [{"step": points[0]["step"], **{k: v for name, p in zip(curves, points) for k, v in (
         (name, p["overall"]), (f"{name}_val_loss", p["val_loss"]), (f"{name}_val_x0_loss", p["val_x0_loss"]),
         (f"{name}_train_state_x0_loss", p.get("train_state_x0_loss")), (f"{name}_prompt_effect", p["prompt_effect"]))}}

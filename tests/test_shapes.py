@@ -45,6 +45,29 @@ def test_every_stage_runs_from_the_shipped_source_and_the_l2p_loss_falls(tmp_pat
     assert len(losses) >= 4 and sum(losses[-2:]) < sum(losses[:2])
     report = (tmp_path / "results.md").read_text()
     assert "| overall |" in report and "| lift | 0 |" in report
+    # the lifted L2P's training-state loss, written out: the images' in-span part replaced by s basis^T (their VAE
+    # latent tokens), noised with the metric's fixed noise, the error of x - sigma v (the whole decode) against them
+    init, source = tmp_path / "l2p-lift-init.safetensors", shapes.toysource.SOURCE
+    net, vae = shapes.model.load_model(init, dtype=torch.float32).eval(), shapes.model.load_vae(source)
+    images = shapes.toysource.render(shapes.shapeworld.make_scenes(2, 3))
+    cap, mask = torch.randn(2, 5, net.cfg.cap_feat_dim), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        tokens = shapes.model.patchify(vae.encode(images), 2).double()
+        patches = shapes.model.patchify(images.double(), 16)
+        basis, scale = net.lift.basis.double(), net.lift.scale.double()
+        state = scale * tokens @ basis + patches - patches @ basis.T @ basis
+        start = shapes.model.unpatchify(state, 16, shapes.SIZE, shapes.SIZE).float()
+        noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+        errors = [(x - s * net(x, torch.full((2,), s), cap, mask, span_detail=True) - images).square().mean()
+                  for s, x in ((s, (1 - s) * start + s * noise) for s in shapes.VAL_SIGMAS)]
+    metrics = [shapes.validation_metrics(init, images, cap, mask, cap[:1], vae, states)[3] for states in (True, False)]
+    assert metrics[0] == pytest.approx(float(torch.stack(errors).mean()), rel=1e-3)
+    assert abs(metrics[0] / metrics[1] - 1) > 1e-2
+    # a run with more train.py flags: its own curve; the states it trains on decide whether it gets the VAE
+    shallow = shapes.main(["--runs", str(tmp_path), "--name", "shallow", "--train-flags",
+                           "--trainable shallow --states image"], plan=TINY)
+    assert set(shallow["ablation"]) == {"lift", "shallow"} and shallow["curve"][-1]["step"] == 24
+    assert shallow["trainable_fraction"]["l2p"] > saved["trainable_fraction"]["l2p"]  # the DiT's shallow blocks too
 
     longer = shapes.main(["--runs", str(tmp_path), "--real-data", "--steps", "36"], plan=TINY)  # the curve goes on
     assert [p["step"] for p in longer["curve"]] == [0, 12, 24, 36]
@@ -116,6 +139,14 @@ def test_a_toy_flux2_source_trains_into_klein_s_layout_on_the_features_it_will_b
     (target / "vae" / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="differ from its manifest.*vae/config.json"):
         toysource.check_source(target)
+
+
+def test_a_run_with_other_flags_needs_a_name_of_its_own():
+    for argv in (["--train-flags", "--lr 1e-4"], ["--convert-flags", "--head-tokens norm", "--name", "paper"],
+                 ["--recipe", "paper", "--name", "lift"]):
+        with pytest.raises(SystemExit, match="--name"):
+            shapes.parse_args(argv)
+    assert shapes.parse_args(["--train-flags", "--lr 1e-4", "--name", "low-lr"]).name == "low-lr"
 
 
 def test_eval_prompts_are_distinct_and_balanced_over_tasks():

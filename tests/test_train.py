@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import convert
 import model
@@ -160,6 +161,19 @@ def test_a_lifted_init_trains_on_its_samplers_states_with_the_x0_error(repo, syn
     plan = log_rows(out, "plan")[0]["plan"]["gpu"]
     vae_files = model.safetensors_files(repo / "vae")
     assert plan["source VAE"] == 4 * sum(t.numel() for f in vae_files for t in load_file(str(f)).values())
+    with pytest.raises(SystemExit, match="--vae is read only with --states source"):  # the plan refuses it too
+        train.main(["--plan-only", "--init", str(init), "--vae", str(repo), "--states", "image"])
+    # the VAE makes the states, so it is part of the run: resuming with another one is refused, with the same one not
+    other = tmp_path / "other-vae"
+    other.mkdir()
+    shutil.copy(repo / "vae" / "config.json", other)
+    tensors = {k: v.clone() for f in vae_files for k, v in load_file(str(f)).items()}
+    tensors["decoder.conv_out.bias"] += 1e-3
+    save_file(tensors, str(other / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(SystemExit, match="--vae not the VAE the run started with"):
+        run(init, synth, out, "--max-steps", "2", "--vae", str(other), "--micro-batch", "4", "--resume")
+    run(init, synth, out, "--max-steps", "2", "--vae", str(repo), "--micro-batch", "4", "--resume")
+    assert sorted(losses(out)) == [1, 2]
 
 
 def test_loss_falls_frozen_tensors_stay_bit_identical_and_samples_are_written(init, synth, tmp_path):
