@@ -91,6 +91,18 @@ def test_an_altered_or_missing_source_is_refused(tmp_path):
         shapes.main(["--runs", str(tmp_path / "runs")], plan=TINY, source=source)
 
 
+@pytest.mark.parametrize("family, dit, caption_tokens", [
+    ("zimage", shapes.toysource.TOY_DIT, 512),
+    ("flux2", shapes.toysource.TOY_FLUX2_DIT, shapes.toysource.FLUX2_CAPTION_TOKENS)])
+def test_each_shipped_source_matches_its_manifest_and_loads_in_its_published_layout(family, dit, caption_tokens):
+    source = shapes.toysource.SOURCES[family]
+    manifest = shapes.toysource.check_source(source)  # every file against its sha256
+    assert manifest["shapeeval"]["overall"] >= 0.5 and manifest["vae_reconstructions"]["overall"] >= 0.95
+    assert shapes.model.open_checkpoint(source).cfg == dit
+    encoder = shapes.model.load_text_encoder(source, dtype=torch.float32)  # the caption length its files declare
+    assert encoder.family == family and encoder.max_length == caption_tokens
+
+
 def test_a_toy_flux2_source_trains_into_klein_s_layout_on_the_features_it_will_be_read_with(tmp_path):
     """A few steps of the toy FLUX.2 recipe: the source written in FLUX.2 [klein]'s published layout loads through
     model.py as a klein repo (its short caption length from its tokenizer_config.json), the features it trained on
