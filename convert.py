@@ -129,12 +129,14 @@ def read_align_images(folder: Path, count: int, patch: int):
         yield torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-def fit_to_source(args, vae_path) -> tuple[torch.Tensor, torch.Tensor, dict, list]:
+def fit_to_source(args, vae_path, family: str, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor, dict, list]:
     """The lift of --patch pixels onto the source's latent tokens, fitted on the --align-data images area-downsampled
     to the source's 1K token grid (model.fit_lift at the source's token size t, then model.extend_lift by p / t),
     how well it fits, and (with --head-steps) each image with its latent tokens on the p-patch grid."""
     device = torch.device(args.device)
-    vae = model.load_vae(vae_path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    vae = model.load_vae(vae_path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                         family=family)
+    model.check_lift_vae(vae, latent_dim, f"--vae {vae_path}")
     token = vae.downscale * model.latent_token_patch(vae)  # pixels per latent token side: 16 for both sources
     if args.patch % token:
         raise SystemExit(f"--patch {args.patch}: the lift needs a multiple of the source's latent token, {token} x "
@@ -239,9 +241,9 @@ def aligned_tensors(args, source: model.DiTCheckpoint, cfg) -> tuple[dict[str, t
     if not (args.vae or Path(args.src).is_dir()):
         raise SystemExit(f"--src {args.src} is a single file: pass the source's VAE with --vae (its repo's vae/ or "
                          "ae.safetensors)")
-    basis, scale, stats, kept = fit_to_source(args, vae)
     latent = "x_embedder." if cfg.family == "flux2" else f"all_x_embedder.{model.ZIMAGE_LATENT_PATCH}-1."
     embedder = {k.removeprefix(latent): t.float() for k, t in source.tensors() if k.startswith(latent)}
+    basis, scale, stats, kept = fit_to_source(args, vae, cfg.family, embedder["weight"].shape[1])
     aligned = {"weight": embedder["weight"] @ basis, **({"bias": embedder["bias"]} if "bias" in embedder else {})}
     if cfg.lift_dim:
         aligned.update({"lift.basis": basis, "lift.scale": scale})

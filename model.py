@@ -727,10 +727,13 @@ class PixelLift(nn.Module):
     def to_pixels(self, latent: torch.Tensor) -> torch.Tensor:  # [B, N, d] -> [B, N, p*p*3]
         return self.scale.float() * (latent.float() @ self.basis.float())
 
-    def source_image(self, image: torch.Tensor, latent: torch.Tensor, p: int) -> torch.Tensor:
-        """image [B, 3, H, W] with its part inside the subspace replaced by the lifted latent tokens [B, N, d] (the
-        source VAE's encoding of image): the x0 that the lifted sampler's states move towards when the DiT predicts
-        that latent, so training on (1 - sigma) source_image + sigma eps matches what the sampler will feed."""
+    def source_image(self, image: torch.Tensor, vae: "FluxVAE | Flux2VAE", p: int) -> torch.Tensor:
+        """image [B, 3, H, W] with its part inside the subspace replaced by the lift of its latent tokens (the source
+        VAE's encoding, one token per p x p patch: area-downsampled to the source's token first, as extend_lift):
+        the x0 that the lifted sampler's states move towards when the DiT predicts that latent, so training on
+        (1 - sigma) source_image + sigma eps matches what the sampler will feed."""
+        token = vae.downscale * latent_token_patch(vae)
+        latent = latent_tokens(vae, F.avg_pool2d(image, p // token) if p > token else image)
         lifted = unpatchify(self.to_pixels(latent), p, *image.shape[2:])
         return lifted + image.float() - self.in_subspace(image, p)
 
@@ -809,6 +812,15 @@ def latent_token_patch(vae: "FluxVAE | Flux2VAE") -> int:
     """Latent positions per token side: Z-Image's token is 2 x 2 positions of FLUX.1's 16-channel latent, FLUX.2's
     one position of its 128 packed channels (both 16 x 16 pixels: latent_token_patch(vae) * vae.downscale)."""
     return ZIMAGE_LATENT_PATCH if isinstance(vae, FluxVAE) else 1
+
+
+def check_lift_vae(vae: "FluxVAE | Flux2VAE", latent_dim: int, flag: str) -> None:
+    """A VAE whose latent token is not what the source DiT reads (another family, another latent size) is refused:
+    the lift is fitted through, and trained against, the source's own VAE."""
+    per_position = ZIMAGE_LATENT_PATCH ** 2 if isinstance(vae, FluxVAE) else vae.cfg.patch_size[0] ** 2
+    if vae.cfg.latent_channels * per_position != latent_dim:
+        raise CheckpointError(f"{flag}: its latent tokens hold {vae.cfg.latent_channels * per_position} values, the "
+                              f"source DiT reads {latent_dim}: pass the VAE of the source the model was converted from")
 
 
 def latent_tokens(vae: "FluxVAE | Flux2VAE", images: torch.Tensor) -> torch.Tensor:
@@ -1914,6 +1926,14 @@ def source_sampler_settings(repo, height: int = 1024, width: int = 1024, steps: 
     return {"steps": steps or (8 if turbo else 50), "shift": shift, "guidance": 1.0 if turbo else 5.0}
 
 
+def pixel_shift(cfg: "ZImageConfig | Flux2Config", tokens: int, steps: int) -> float:
+    """The pixel model's default sigma shift (sample.py, train.py): 3, or FLUX.2 [klein]'s exp(mu) for the token
+    count. A lift extended to patches of p > 16 pixels (2K, 4K) multiplies it by p / 16: the image's projection grows
+    by that factor (extend_lift), the noise's does not, and this shift gives its DiT the noise levels of 1K."""
+    shift = math.exp(compute_empirical_mu(tokens, steps)) if cfg.family == "flux2" else 3.0
+    return shift * (cfg.patch_size / 16 if cfg.lift_dim else 1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 9. I/O and processes: what several scripts share
 # ----------------------------------------------------------------------------------------------------------------
@@ -2390,9 +2410,11 @@ def memory_plan(cfg: ZImageConfig, counts: dict, *, res: int, micro_batch: int, 
            "gradients in flight (largest two)" if hook else "gradients (.grad / DDP buckets)":
                2 * elem * largest if hook else elem * trainable}
     gpu.update({} if low_memory else optimizer)
+    encode = 0
     if vae is not None:
         gpu["source VAE"] = elem * sum(p.numel() for p in vae.parameters())
-    encode = micro_batch * res * res * VAE_ENCODE_ROWS * vae.cfg.block_out_channels[0] * elem if vae is not None else 0
+        side = res * vae.downscale * latent_token_patch(vae) // cfg.patch_size  # PixelLift.source_image's input
+        encode = micro_batch * side * side * VAE_ENCODE_ROWS * vae.cfg.block_out_channels[0] * elem
     gpu["activations"] = max(encode, activation_bytes(cfg, counts["head"], res, micro_batch, caption_tokens, elem,
                                                       checkpointing, counts["head_only"]))
     host = optimizer if low_memory else {}

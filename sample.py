@@ -8,11 +8,11 @@ Sample images from an L2P pixel model, from 1K up to native 4K, and optionally f
 Defaults reproduce the released sampler: patch-16 models at 1024^2 with 30 steps and CFG 2.0, patch-64 models at
 4096^2 with 50 steps and CFG 4.0; shift 3; empty negative prompt; CFG written v = v_neg + cfg * (v_pos - v_neg).
 A pixel FLUX.2 [klein] model samples as klein-base does: 50 steps, CFG 4.0, shift exp(mu) for its token count.
+A lifted model (convert.py's default recipe) at 2K / 4K multiplies the shift by patch / 16 (model.pixel_shift).
 The prompts are encoded first and the 4B text encoder freed before the DiT is loaded.
 """
 
 import argparse
-import math
 import os
 import time
 from pathlib import Path
@@ -42,7 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, help="Euler steps; default 30 (patch 16) or 50 (patch 64)")
     parser.add_argument("--cfg", type=float, help="CFG scale c, v = v_neg + c (v_pos - v_neg), 1 = off; default "
                                                   "2.0 (patch 16) or 4.0 (patch 64)")
-    parser.add_argument("--shift", type=float, help="static shift of the sigma grid (default 3; FLUX.2: exp(mu))")
+    parser.add_argument("--shift", type=float, help="static shift of the sigma grid (default 3; FLUX.2: exp(mu); a "
+                                                    "lifted model's times its patch / 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image k of a prompt uses "
                                                             "seed + k, the same for every prompt")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -115,15 +116,15 @@ def run(dit, features, negative, jobs, size, steps, cfg, shift, args, vae=None, 
     return images
 
 
-def resolve_settings(args, patch: int, flux2: bool) -> tuple[int, int, int, float, float]:
+def resolve_settings(args, dit_cfg) -> tuple[int, int, int, float, float]:
     """width, height, steps, cfg, shift: the released defaults for the model's patch (FLUX.2: klein-base's
-    sampler) unless the flags say otherwise."""
+    sampler; a lift at 2K / 4K: model.pixel_shift) unless the flags say otherwise. dit_cfg None: --latent alone."""
+    patch, flux2 = (dit_cfg.patch_size, dit_cfg.family == "flux2") if dit_cfg else (16, False)
     res = args.res or 1024 * patch // 16
     width, height = args.width or res, args.height or res
     steps = args.steps or (50 if patch >= 64 or flux2 else 30)
     cfg = args.cfg if args.cfg is not None else (4.0 if patch >= 64 or flux2 else 2.0)
-    mu = model.compute_empirical_mu((width // patch) * (height // patch), steps) if flux2 else None
-    shift = args.shift or (math.exp(mu) if flux2 else 3.0)
+    shift = args.shift or (model.pixel_shift(dit_cfg, (width // patch) * (height // patch), steps) if dit_cfg else 3.0)
     if width % patch or height % patch:
         raise SystemExit(f"{width}x{height} is not a multiple of the model's {patch}-pixel patch: pick a size "
                          f"divisible by {patch} (e.g. {max(patch, width // patch * patch)}x"
@@ -154,19 +155,18 @@ def main(argv=None):
                          "text_encoder/ folder>")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if "cuda" in args.device else "fp32")]
 
-    patch, family = 16, None  # without --ckpt the text recipe is the --latent repo's
+    dit_cfg, family = None, None  # without --ckpt the text recipe is the --latent repo's
     if args.ckpt:
         checkpoint = model.open_checkpoint(args.ckpt, args.init)
         if not checkpoint.cfg.pixel_head:
             raise SystemExit(f"--ckpt {args.ckpt} is a latent transformer ({checkpoint.layout}), not an L2P pixel "
                              "model: make one with convert.py, or sample the source with --latent <repo>")
-        patch = checkpoint.cfg.patch_size
-        family = checkpoint.cfg.family
+        dit_cfg, family = checkpoint.cfg, checkpoint.cfg.family
     if family and args.latent and model.pipeline_family(args.latent) != family:
         raise SystemExit(f"--ckpt is an L2P model of {family}, --latent a {model.pipeline_family(args.latent)} repo: "
                          "their prompts are encoded differently; sample them one at a time")
     model.check_text_encoder(text_encoder, checkpoint.cfg if args.ckpt else model.open_checkpoint(args.latent).cfg)
-    width, height, steps, cfg, shift = resolve_settings(args, patch, family == "flux2")
+    width, height, steps, cfg, shift = resolve_settings(args, dit_cfg)
     jobs = [(i, args.seed + k) for i in range(len(prompts)) for k in range(args.num_images)]
     out = Path(args.out)
     single = len(jobs) == 1

@@ -156,14 +156,15 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
         raise SystemExit("--states source needs the source's VAE to make its states (a lifted init's default): pass "
                          "--vae <the source's repo, vae/ folder or file>, or --states image to noise the images")
     if args.shift is None:  # train on the sigmas the sampler uses at this size
-        tokens = (args.res // cfg.patch_size) ** 2
-        args.shift = math.exp(model.compute_empirical_mu(tokens, 50)) if cfg.family == "flux2" else 3.0
+        args.shift = model.pixel_shift(cfg, (args.res // cfg.patch_size) ** 2, 50)
     out.mkdir(parents=True, exist_ok=True)
     records = model.find_records(Path(args.data))
     negative, caption_tokens = prepare_features(records, args, cfg, device, rank, world)
     plan, micro, low_memory, zero = choose_plan(args, cfg, caption_tokens, world, device)
     vae = model.load_vae(args.vae, device, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
                          family=cfg.family).eval() if args.states == "source" else None
+    if vae is not None:
+        model.check_lift_vae(vae, cfg.lift_dim, f"--vae {args.vae}")
     args.vae_weights = model.weights_sha256(vae) if vae is not None else None  # part of the run's identity
     n_micro = args.batch_size // world // micro
     state, shards = load_train_state(out, args, records) if args.resume else (None, [])
@@ -216,8 +217,7 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
                                for p in mb["position"]])
             s = sigma.view(-1, 1, 1, 1)
             with torch.no_grad():
-                start_image = x0 if vae is None else net.lift.source_image(
-                    x0, model.latent_tokens(vae, x0.to(dtype)), cfg.patch_size)
+                start_image = x0 if vae is None else net.lift.source_image(x0, vae, cfg.patch_size)
             with ddp.no_sync() if ddp and i < n_micro - 1 else contextlib.nullcontext():
                 x_sigma = (1 - s) * start_image + s * eps
                 v = (ddp or net)(x_sigma.to(dtype), sigma, cap, cap_mask, span_detail=True).float()

@@ -164,8 +164,7 @@ def validation_metrics(ckpt: Path, images: torch.Tensor, cap: torch.Tensor, cap_
     x = (1 - PROMPT_EFFECT_SIGMA) * images + PROMPT_EFFECT_SIGMA * noise
     v = net(x, s, cap, cap_mask)
     v_empty = net(x, s, empty.expand(len(images), -1, -1), torch.ones(len(images), empty.shape[1], dtype=torch.bool))
-    start = (net.lift.source_image(images, model.latent_tokens(vae, images), net.cfg.patch_size) if source_states
-             else images)
+    start = net.lift.source_image(images, vae, net.cfg.patch_size) if source_states else images
     train_x0 = [(x - s * net(x, torch.full((len(images),), s), cap, cap_mask, span_detail=True) - images).square()
                 .mean() for s, x in ((s, (1 - s) * start + s * noise) for s in VAL_SIGMAS)]
     return (float(torch.stack(losses).mean()), float((v - v_empty).norm() / v.norm().clamp_min(1e-12)), x0_loss,

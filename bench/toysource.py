@@ -420,9 +420,12 @@ def vae_score(vae: model.FluxVAE, plan: SourcePlan, device) -> dict:
     return shapeworld.score(list(recon), scenes)
 
 
-def commit() -> str:
+def commit(*written: Path) -> str:
+    """HEAD, marked if the tree differs from it anywhere but in the folders being written."""
     run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return run("rev-parse", "HEAD") + (" (with uncommitted changes)" if run("status", "--porcelain") else "")
+    inside = [p.resolve() for p in written if p.resolve().is_relative_to(ROOT)]
+    changed = run("status", "--porcelain", "--", ".", *(f":(exclude){p.relative_to(ROOT)}" for p in inside))
+    return run("rev-parse", "HEAD") + (" (with uncommitted changes)" if changed else "")
 
 
 VAE_CONFIG_JSON = {"zimage": {"_class_name": "AutoencoderKL", "use_quant_conv": False, "use_post_quant_conv": False},
@@ -471,8 +474,9 @@ def train_source(plan: SourcePlan, work: Path, device, seed: int = 0, target: Pa
     (tmp / "model_index.json").write_text(json.dumps({**PIPELINE_JSON[family], "toy": "bench/shapes.py"}))
     log("scoring the written source through sample.py --latent")
     score, recon = score_source(tmp, plan, device, work / "eval.log"), vae_score(model.load_vae(tmp), plan, "cpu")
-    manifest = {"command": " ".join(["python", *sys.argv]), "commit": commit(), "plan": asdict(plan), "seed": seed,
-                "device": str(device), "hours_since_start": (time.time() - start) / 3600,  # resumed: since then
+    manifest = {"command": " ".join(["python", *sys.argv]), "commit": commit(target, tmp), "plan": asdict(plan),
+                "seed": seed, "device": str(device),
+                "hours_since_start": (time.time() - start) / 3600,  # of this run: a resumed source took longer
                 "shapeeval": {"overall": score["overall"], "per_task": score["per_task"],
                               "protocol": f"{len(eval_scenes(plan.eval_prompts))} distinct prompts x "
                                           f"{plan.eval_seeds} seeds, {plan.sample_steps} steps, CFG {plan.cfg}, "

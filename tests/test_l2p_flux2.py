@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKLFlux2
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -19,7 +20,7 @@ import model
 import sample
 import train
 from test_train import free_port, log_rows, losses, picture, updates_differ
-from tiny import make_tiny_klein_repo, read_format
+from tiny import TINY_FLUX2_VAE, make_tiny_klein_repo, read_format
 
 ROOT = Path(__file__).resolve().parents[1]
 CAP_DIM = 3 * 64  # FLUX.2's features: 3 hidden states of the tiny Qwen3 side by side
@@ -139,6 +140,42 @@ def test_training_moves_only_the_policy_and_keeps_the_shared_modulation(init, da
     assert all(not torch.equal(state[k], start[k].float()) for k in trained)
     start = log_rows(out, "start")[0]  # trained on the sigmas klein-base samples with at 32^2: 4 tokens, 50 steps
     assert start["shift"] == pytest.approx(np.exp(model.compute_empirical_mu(4, 50))) and start["dtype"] == "fp32"
+
+
+def test_a_lifted_init_trains_on_its_samplers_states(repo, data, tmp_path, monkeypatch):
+    """The tiny VAE's token is 4 x 4 pixels, so the lift is extended to the 16-pixel patch (as at 4K): the states
+    train.py makes encode each image area-downsampled to the patch grid, one latent token per patch."""
+    init = tmp_path / "lift.safetensors"
+    convert.main(["--src", str(repo), "--out", str(init), "--head-width", "16", "--head-steps", "0",
+                  "--align-data", str(data)])
+    calls, forward = [], model.Flux2DiT.forward
+
+    def recording(self, x, sigma, cap, cap_mask, **kwargs):
+        if self.training:
+            calls.append((x.detach().clone(), sigma.clone()))
+        return forward(self, x, sigma, cap, cap_mask, **kwargs)
+
+    monkeypatch.setattr(model.Flux2DiT, "forward", recording)
+    train.main(["--init", str(init), "--data", str(data), "--out", str(tmp_path / "run"), *TINY, "--max-steps", "1",
+                "--vae", str(repo)])
+    AutoencoderKLFlux2(**{**TINY_FLUX2_VAE, "latent_channels": 8}).save_pretrained(tmp_path / "vae-8")
+    with pytest.raises(model.CheckpointError, match="its latent tokens hold 32 values, the source DiT reads 16"):
+        train.main(["--init", str(init), "--data", str(data), "--out", str(tmp_path / "other"), *TINY, "--max-steps",
+                    "1", "--vae", str(tmp_path / "vae-8")])
+    (x, sigma), = calls
+    records = model.find_records(data)
+    order = list(train.sample_order(len(records), 4, 0, 1, 0, 0, 1))
+    x0 = torch.stack([model.load_image(records[i], 32) for i, _ in order])
+    eps = torch.stack([torch.randn(3, 32, 32, generator=train.seeded(0, "noise", p)) for _, p in order])
+    net, vae = model.load_model(init, dtype=torch.float32), model.load_vae(repo)
+    basis, scale = net.lift.basis.double(), net.lift.scale.double()
+    with torch.no_grad():  # [B, 4, 16]: one 4-channel x 2 x 2 latent token per 16 x 16 patch, from 8 x 8 pixels
+        tokens = model.patchify(vae.encode(torch.nn.functional.avg_pool2d(x0, 4)), 1).double()
+    patches = model.patchify(x0.double(), 16)
+    start = model.unpatchify(scale * tokens @ basis + patches - patches @ basis.T @ basis, 16, 32, 32)
+    s = sigma.double().view(-1, 1, 1, 1)
+    expected = (1 - s) * start + s * eps.double()
+    assert ((x.double() - expected).norm() / expected.norm()).item() < 1e-5
 
 
 def test_two_gloo_processes_train_as_one(init, data, tmp_path):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import convert
 import model
-from tiny import make_diffusers_dit, make_tiny_klein_repo, read_format
+from tiny import make_diffusers_dit, make_flux2_vae, make_tiny_klein_repo, read_format
 from tiny_vae import save_tiny_vae
 
 
@@ -60,6 +60,31 @@ def test_extended_lift_is_the_fit_on_the_area_downsampled_image():
     lhs = model.patchify(x, 8) @ big.T
     rhs = 2 * model.patchify(small, 4) @ basis.float().T
     assert rel(lhs, rhs) < 1e-6
+
+
+@pytest.mark.parametrize("family", ["zimage", "flux2"])
+def test_training_states_of_an_extended_lift_are_the_fitted_ones_upsampled(family, tmp_path):
+    """train.py --states source at 2K / 4K: the VAE encodes the image area-downsampled to its token grid, so on a 2x
+    nearest-upsampled image the extended lift's state is the fitted lift's state, upsampled."""
+    if family == "zimage":
+        save_tiny_vae(tmp_path)
+    else:
+        make_flux2_vae().save_pretrained(tmp_path)
+    vae = model.load_vae(tmp_path, dtype=torch.float32)
+    token = vae.downscale * model.latent_token_patch(vae)  # 16 (FLUX.1's x8, 2 x 2) or 4 (the tiny FLUX.2 VAE)
+    d = 4 * vae.cfg.latent_channels  # 2 x 2 latent positions (Z-Image) or 2 x 2 packed into channels (FLUX.2)
+    model.check_lift_vae(vae, d, "--vae")
+    with pytest.raises(model.CheckpointError, match="its latent tokens hold"):
+        model.check_lift_vae(vae, 2 * d, "--vae")
+    basis, scale, _, _ = planted(d=d, P=token * token * 3, n=1)
+    fitted, extended = model.PixelLift(d, token * token * 3), model.PixelLift(d, 4 * token * token * 3)
+    fitted.basis.copy_(basis)
+    fitted.scale.fill_(scale)
+    extended.basis, extended.scale = model.extend_lift(basis.float(), torch.tensor(scale), 2)
+    x = torch.rand(2, 3, 2 * token, 3 * token, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    up = lambda t: torch.nn.functional.interpolate(t, scale_factor=2, mode="nearest")
+    with torch.no_grad():
+        assert rel(extended.source_image(up(x), vae, 2 * token), up(fitted.source_image(x, vae, token))) < 1e-5
 
 
 # ---- the lifted model at step 0, through convert.py, on tiny repos of both families ----
@@ -255,6 +280,10 @@ def test_recipes_need_their_inputs(zimage_repo, tmp_path):
     with pytest.raises(SystemExit, match="--vae"):
         convert.main(["--src", str(single), "--out", str(tmp_path / "c.safetensors"), "--align-data",
                       str(align_images(tmp_path / "i"))])
+    make_flux2_vae().save_pretrained(tmp_path / "klein-vae")  # the other family's VAE: refused before any fit
+    with pytest.raises(model.CheckpointError, match="AutoencoderKLFlux2"):
+        convert.main(["--src", str(zimage_repo), "--out", str(tmp_path / "d.safetensors"), "--align-data",
+                      str(tmp_path / "i"), "--vae", str(tmp_path / "klein-vae")])
 
 
 # ---- real size, meta device ----

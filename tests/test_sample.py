@@ -1,5 +1,7 @@
 """sample.py on tiny models: sizes, determinism, CFG, released layout, the source side by side, errors."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -78,8 +80,28 @@ def test_latent_source_side_by_side(ckpt, repo, tmp_path):
 
 def test_defaults_follow_the_patch():
     args = sample.parse_args([])
-    assert sample.resolve_settings(args, 16, False) == (1024, 1024, 30, 2.0, 3.0)
-    assert sample.resolve_settings(args, 64, False) == (4096, 4096, 50, 4.0, 3.0)
+    paper = lambda p: model.l2p_config(model.ZImageConfig(), p)
+    assert sample.resolve_settings(args, paper(16)) == (1024, 1024, 30, 2.0, 3.0)
+    assert sample.resolve_settings(args, paper(64)) == (4096, 4096, 50, 4.0, 3.0)
+    assert sample.resolve_settings(args, None)[-1] == 3.0  # --latent alone
+
+
+@pytest.mark.parametrize("source", [model.ZImageConfig(), model.Flux2Config()], ids=["zimage", "flux2"])
+def test_a_lifted_model_at_2k_and_4k_gives_its_dit_the_noise_levels_of_1k(source):
+    """The DiT of a lift extended by f = p / 16 reads sigma' = sigma / (f s + (1 - f s) sigma) (PixelLift.dit_input):
+    the default shift makes that the 1K model's sequence, step for step."""
+    s, steps = 0.8, 30
+    dit_sigmas = lambda cfg, lift_scale: [sigma / (lift_scale + (1 - lift_scale) * sigma) for sigma in
+                                          model.shifted_sigmas(steps, model.pixel_shift(cfg, 64 * 64, steps)).tolist()]
+    at_1k = dit_sigmas(model.l2p_config(source, 16, recipe="lift"), s)
+    for factor in (2, 4):
+        lifted = model.l2p_config(source, 16 * factor, recipe="lift")
+        assert dit_sigmas(lifted, factor * s) == pytest.approx(at_1k, rel=1e-6, abs=1e-9)
+        args = sample.parse_args(["--res", str(1024 * factor)])
+        at_1k_shift = 3.0 if source.family == "zimage" else math.exp(model.compute_empirical_mu(64 * 64, 50))
+        assert sample.resolve_settings(args, lifted)[-1] == pytest.approx(factor * at_1k_shift)  # FLUX.2: 50 steps
+    assert model.pixel_shift(model.l2p_config(source, 64), 64 * 64, steps) == model.pixel_shift(
+        model.l2p_config(source, 16), 64 * 64, steps)  # the paper's recipe keeps its shift at 4K
 
 
 def test_clear_errors(ckpt, repo, tmp_path, capsys):
@@ -92,5 +114,5 @@ def test_clear_errors(ckpt, repo, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(SystemExit, match="holds no prompt"):
         run(ckpt, repo, tmp_path, "--prompts", str(tmp_path / "empty.txt"))
-    sample.resolve_settings(sample.parse_args(["--res", "4096"]), 16, False)
+    sample.resolve_settings(sample.parse_args(["--res", "4096"]), model.l2p_config(model.ZImageConfig(), 16))
     assert "65,536 tokens" in capsys.readouterr().out
