@@ -19,7 +19,7 @@ import convert
 import model
 import sample
 import train
-from test_train import free_port, log_rows, losses, picture, updates_differ
+from test_train import first_source_states, free_port, log_rows, losses, picture, updates_differ
 from tiny import TINY_FLUX2_VAE, make_tiny_klein_repo, read_format
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,18 +163,9 @@ def test_a_lifted_init_trains_on_its_samplers_states(repo, data, tmp_path, monke
         train.main(["--init", str(init), "--data", str(data), "--out", str(tmp_path / "other"), *TINY, "--max-steps",
                     "1", "--vae", str(tmp_path / "vae-8")])
     (x, sigma), = calls
-    records = model.find_records(data)
-    order = list(train.sample_order(len(records), 4, 0, 1, 0, 0, 1))
-    x0 = torch.stack([model.load_image(records[i], 32) for i, _ in order])
-    eps = torch.stack([torch.randn(3, 32, 32, generator=train.seeded(0, "noise", p)) for _, p in order])
-    net, vae = model.load_model(init, dtype=torch.float32), model.load_vae(repo)
-    basis, scale = net.lift.basis.double(), net.lift.scale.double()
-    with torch.no_grad():  # [B, 4, 16]: one 4-channel x 2 x 2 latent token per 16 x 16 patch, from 8 x 8 pixels
-        tokens = model.patchify(vae.encode(torch.nn.functional.avg_pool2d(x0, 4)), 1).double()
-    patches = model.patchify(x0.double(), 16)
-    start = model.unpatchify(scale * tokens @ basis + patches - patches @ basis.T @ basis, 16, 32, 32)
-    s = sigma.double().view(-1, 1, 1, 1)
-    expected = (1 - s) * start + s * eps.double()
+    # [B, 4, 16]: one 4-channel x 2 x 2 latent token per 16 x 16 patch, encoded from its 8 x 8 pixels
+    expected, _, _ = first_source_states(init, data, repo, sigma, lambda vae, x0: model.patchify(
+        vae.encode(torch.nn.functional.avg_pool2d(x0, 4)), 1))
     assert ((x.double() - expected).norm() / expected.norm()).item() < 1e-5
 
 

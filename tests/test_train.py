@@ -118,6 +118,23 @@ def test_training_sigmas_are_the_shift_3_grid_and_follow_the_sample_position(ini
     assert seen == first
 
 
+def first_source_states(init: Path, data: Path, vae_path: Path, sigma: torch.Tensor, tokens) -> tuple:
+    """train.py --states source's first batch (4 images at 32^2, seed 0), written out: each image x0 with its part in
+    the lift's span replaced by s basis^T tokens(vae, x0), noised at sigma. Returns (states, x0, eps)."""
+    records = model.find_records(data)
+    order = list(train.sample_order(len(records), 4, 0, 1, 0, 0, 1))
+    x0 = torch.stack([model.load_image(records[i], 32) for i, _ in order])
+    eps = torch.stack([torch.randn(3, 32, 32, generator=train.seeded(0, "noise", p)) for _, p in order])
+    net, vae = model.load_model(init, dtype=torch.float32), model.load_vae(vae_path)
+    basis, scale = net.lift.basis.double(), net.lift.scale.double()
+    with torch.no_grad():
+        latent = tokens(vae, x0).double()
+    patches = model.patchify(x0.double(), 16)
+    start = model.unpatchify(scale * latent @ basis + patches - patches @ basis.T @ basis, 16, 32, 32)
+    s = sigma.double().view(-1, 1, 1, 1)
+    return (1 - s) * start + s * eps.double(), x0, eps
+
+
 def test_a_lifted_init_trains_on_its_samplers_states_with_the_x0_error(repo, synth, tmp_path, monkeypatch):
     init = tmp_path / "lift.safetensors"
     convert.main(["--src", str(repo), "--out", str(init), "--align-data", str(synth), "--head-steps", "3",
@@ -139,20 +156,10 @@ def test_a_lifted_init_trains_on_its_samplers_states_with_the_x0_error(repo, syn
     run(init, synth, out, "--max-steps", "1", "--vae", str(repo), "--micro-batch", "4")
     (x, sigma, v, kwargs), = calls
     assert kwargs == {"span_detail": True}
-    # the state written out: each image's part in the lift's span replaced by s basis^T (its VAE latent tokens)
-    records = model.find_records(synth)
-    order = list(train.sample_order(len(records), 4, 0, 1, 0, 0, 1))
-    x0 = torch.stack([model.load_image(records[i], 32) for i, _ in order])
-    eps = torch.stack([torch.randn(3, 32, 32, generator=train.seeded(0, "noise", p)) for _, p in order])
-    net, vae = model.load_model(init, dtype=torch.float32), model.load_vae(repo)
-    basis, scale = net.lift.basis.double(), net.lift.scale.double()
-    with torch.no_grad():
-        tokens = model.patchify(vae.encode(x0), 2).double()  # [B, 4, 64]: 2 x 2 latent pixels x 16 channels
-    patches = model.patchify(x0.double(), 16)
-    start = model.unpatchify(scale * tokens @ basis + patches - patches @ basis.T @ basis, 16, 32, 32)
-    s = sigma.double().view(-1, 1, 1, 1)
-    expected = (1 - s) * start + s * eps.double()
+    # [B, 4, 64]: 2 x 2 latent pixels x 16 channels per 16 x 16 patch
+    expected, x0, eps = first_source_states(init, synth, repo, sigma, lambda vae, x0: model.patchify(vae.encode(x0), 2))
     assert ((x.double() - expected).norm() / expected.norm()).item() < 1e-5
+    s = sigma.double().view(-1, 1, 1, 1)
     assert ((x.double() - ((1 - s) * x0 + s * eps)).norm() / expected.norm()).item() > 1e-2  # not the image noised
     # the logged loss: the error of the predicted x0 = x - max(sigma, 0.05) v against the image itself
     x0_error = (x.double() - s.clamp_min(model.X0_MIN_SIGMA) * v.double() - x0).square().mean().item()
