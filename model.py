@@ -170,6 +170,7 @@ def compile_blocks(net: nn.Module) -> nn.Module:
 SEQ_MULTIPLE = 32  # Z-Image pads both the caption and the image token runs to a multiple of 32
 ADALN_DIM = 256
 ZIMAGE_LATENT_PATCH = 2  # Z-Image's only latent patch: 2 x 2 positions of its 16-channel latent per token
+SOURCE_TOKEN_PIXELS = 16  # both sources' latent token covers 16 x 16 pixels (FLUX.1's VAE x8 x 2, FLUX.2's x16)
 
 
 @dataclass
@@ -1929,9 +1930,10 @@ def source_sampler_settings(repo, height: int = 1024, width: int = 1024, steps: 
 def pixel_shift(cfg: "ZImageConfig | Flux2Config", tokens: int, steps: int) -> float:
     """The pixel model's default sigma shift (sample.py, train.py): 3, or FLUX.2 [klein]'s exp(mu) for the token
     count. A lift extended to patches of p > 16 pixels (2K, 4K) multiplies it by p / 16: the image's projection grows
-    by that factor (extend_lift), the noise's does not, and this shift gives its DiT the noise levels of 1K."""
+    by that factor (extend_lift), the noise's does not, and this shift gives its DiT the noise levels of 1K. (The
+    extension's factor is p / the source's token, 16 pixels for both published sources; tiny test VAEs differ.)"""
     shift = math.exp(compute_empirical_mu(tokens, steps)) if cfg.family == "flux2" else 3.0
-    return shift * (cfg.patch_size / 16 if cfg.lift_dim else 1)
+    return shift * (cfg.patch_size / SOURCE_TOKEN_PIXELS if cfg.lift_dim else 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

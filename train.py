@@ -67,7 +67,7 @@ def parse_args(argv=None):
     add("--warmup", type=int, default=100, help="linear learning-rate warmup in steps, constant after")
     add("--ema", type=float, default=0.0, help="EMA decay of the trained weights, e.g. 0.9999 (0 = off, as released)")
     add("--shift", type=float, help="sigma shift s: sigma = s u / (1 + (s - 1) u); default the sampler's: 3 for "
-                                    "Z-Image, FLUX.2's exp(mu) for the token count at --res (7.56 at 1024^2)")
+                                    "Z-Image, FLUX.2's exp(mu) at --res (7.56 at 1024^2), x patch / 16 for a lift")
     add("--seed", type=int, default=0, help="seeds the data order, sigma and noise, sample by sample")
     add("--train-blocks", type=int, default=5, help="n: the first and last n main layers train (the paper: 5)")
     add("--strict-freeze", action="store_true", help="only the patch embedder, first/last n layers and head train "
@@ -157,15 +157,15 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
                          "--vae <the source's repo, vae/ folder or file>, or --states image to noise the images")
     if args.shift is None:  # train on the sigmas the sampler uses at this size
         args.shift = model.pixel_shift(cfg, (args.res // cfg.patch_size) ** 2, 50)
-    out.mkdir(parents=True, exist_ok=True)
-    records = model.find_records(Path(args.data))
-    negative, caption_tokens = prepare_features(records, args, cfg, device, rank, world)
-    plan, micro, low_memory, zero = choose_plan(args, cfg, caption_tokens, world, device)
     vae = model.load_vae(args.vae, device, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
                          family=cfg.family).eval() if args.states == "source" else None
     if vae is not None:
         model.check_lift_vae(vae, cfg.lift_dim, f"--vae {args.vae}")
     args.vae_weights = model.weights_sha256(vae) if vae is not None else None  # part of the run's identity
+    out.mkdir(parents=True, exist_ok=True)
+    records = model.find_records(Path(args.data))
+    negative, caption_tokens = prepare_features(records, args, cfg, device, rank, world)
+    plan, micro, low_memory, zero = choose_plan(args, cfg, caption_tokens, world, device)
     n_micro = args.batch_size // world // micro
     state, shards = load_train_state(out, args, records) if args.resume else (None, [])
     start, log = state["step"] if state else 0, Log(out, rank, state and state["step"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 import convert
 import model
 from tiny import make_diffusers_dit, make_flux2_vae, make_tiny_klein_repo, read_format
-from tiny_vae import save_tiny_vae
+from tiny_vae import TINY_VAE_CONFIG, save_tiny_vae
 
 
 def rel(a, b):
@@ -85,6 +86,15 @@ def test_training_states_of_an_extended_lift_are_the_fitted_ones_upsampled(famil
     up = lambda t: torch.nn.functional.interpolate(t, scale_factor=2, mode="nearest")
     with torch.no_grad():
         assert rel(extended.source_image(up(x), vae, 2 * token), up(fitted.source_image(x, vae, token))) < 1e-5
+        # any image: its 2 x 2 pixel means are what the VAE encodes (a strided subsample would pass the check above)
+        big, b = up(x) + 0.2 * torch.randn(up(x).shape, generator=torch.Generator().manual_seed(1)), basis.double()
+        latent = model.latent_tokens(vae, torch.nn.functional.avg_pool2d(big, 2)).double()
+        patches = model.patchify(big.double(), 2 * token)
+        # lifted back: 2 s times latent @ (the fit's basis, each pixel a 2 x 2 block, halved)
+        lifted = scale * (latent @ b).view(-1, token, 1, token, 1, 3).expand(-1, token, 2, token, 2, 3)
+        in_span = patches @ extended.basis.double().T @ extended.basis.double()
+        hand = model.unpatchify(lifted.reshape(patches.shape) + patches - in_span, 2 * token, *big.shape[2:])
+        assert rel(extended.source_image(big, vae, 2 * token), hand) < 1e-5
 
 
 # ---- the lifted model at step 0, through convert.py, on tiny repos of both families ----
@@ -284,6 +294,10 @@ def test_recipes_need_their_inputs(zimage_repo, tmp_path):
     with pytest.raises(model.CheckpointError, match="AutoencoderKLFlux2"):
         convert.main(["--src", str(zimage_repo), "--out", str(tmp_path / "d.safetensors"), "--align-data",
                       str(tmp_path / "i"), "--vae", str(tmp_path / "klein-vae")])
+    AutoencoderKL(**{**TINY_VAE_CONFIG, "latent_channels": 8}).save_pretrained(tmp_path / "vae-8")  # its latent size
+    with pytest.raises(model.CheckpointError, match="its latent tokens hold 32 values, the source DiT reads 64"):
+        convert.main(["--src", str(zimage_repo), "--out", str(tmp_path / "e.safetensors"), "--align-data",
+                      str(tmp_path / "i"), "--vae", str(tmp_path / "vae-8")])
 
 
 # ---- real size, meta device ----

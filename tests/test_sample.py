@@ -96,7 +96,8 @@ def test_a_lifted_model_at_2k_and_4k_gives_its_dit_the_noise_levels_of_1k(source
     at_1k = dit_sigmas(model.l2p_config(source, 16, recipe="lift"), s)
     for factor in (2, 4):
         lifted = model.l2p_config(source, 16 * factor, recipe="lift")
-        assert dit_sigmas(lifted, factor * s) == pytest.approx(at_1k, rel=1e-6, abs=1e-9)
+        _, scale = model.extend_lift(torch.zeros(1, 16 * 16 * 3), torch.tensor(s), factor)
+        assert dit_sigmas(lifted, scale.item()) == pytest.approx(at_1k, rel=1e-6, abs=1e-9)
         args = sample.parse_args(["--res", str(1024 * factor)])
         at_1k_shift = 3.0 if source.family == "zimage" else math.exp(model.compute_empirical_mu(64 * 64, 50))
         assert sample.resolve_settings(args, lifted)[-1] == pytest.approx(factor * at_1k_shift)  # FLUX.2: 50 steps
