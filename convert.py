@@ -53,7 +53,9 @@ def parse_args(argv=None):
                              "embedder and a head that predicts v (the released L2P files); x0: paper with "
                              "x-prediction; embedder: paper with the aligned embedder")
     parser.add_argument("--align-data", help="images the source made (a synth.py output, or a folder of images): "
-                                             "the lift is fitted to their latent tokens through the source's VAE")
+                                             "the lift is fitted to their latent tokens through the source's VAE; "
+                                             "at --patch 32 / 64, images of that size (2K / 4K), which the fit "
+                                             "area-downsamples to the 1K token grid")
     parser.add_argument("--align-images", type=int, default=1000, help="how many of them the fit reads")
     parser.add_argument("--vae", help="the source's VAE (default: --src's vae/); any layout model.load_vae reads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
