@@ -20,6 +20,7 @@ checkpoint (for Z-Image in the released L2P layout, which other L2P code can loa
 """
 
 import argparse
+import json
 import time
 from itertools import chain
 from dataclasses import replace
@@ -252,6 +253,16 @@ def aligned_tensors(args, source: model.DiTCheckpoint, cfg) -> tuple[dict[str, t
     return aligned, stats, kept
 
 
+def source_sampler(src) -> list | None:
+    """[steps, guidance, static shift (0: FLUX.2's exp(mu))] of the source's own sampler, read from its repo root
+    (None for a single file): a lift samples with the source's DiT, so this is what sample.py defaults to for it."""
+    try:
+        settings = model.source_sampler_settings(src)
+    except model.CheckpointError:
+        return None
+    return [settings["steps"], settings["guidance"], settings["shift"] if model.pipeline_family(src) == "zimage" else 0]
+
+
 def count(specs) -> int:
     return sum(t.numel() for t in specs.values())
 
@@ -264,7 +275,7 @@ def merge(source: model.DiTCheckpoint, out: Path, cast: torch.dtype | None, args
     metadata = {"format": "l2p", "l2p_patch": str(source.cfg.patch_size), "merged_from": str(args.src),
                 "dtype": args.dtype, "written_by": "convert.py"}
     metadata.update({k: v for k, v in model.safetensors_metadata(source.files[0]).items()
-                     if k in ("l2p_recipe", "l2p_head_tokens") or k.startswith("align_")})
+                     if k in ("l2p_recipe", "l2p_head_tokens", "l2p_source_sampler") or k.startswith("align_")})
     model.write_safetensors(out, ((k, convert(k, t)) for k, t in source.tensors()), metadata, specs=specs)
     trained = len(model.safetensors_shapes([source.trained]))
     print(f"merged  {source.layout}: {len(specs)} tensors ({trained} trained), {count(specs):,d} params -> {out} "
@@ -339,6 +350,9 @@ def main(argv=None):
         metadata["l2p_head_tokens"] = "norm"
     if args.recipe != "paper":  # a file without l2p_recipe is the paper's, as the released ones
         metadata.update({"l2p_recipe": args.recipe, **fit_stats})
+    sampler = source_sampler(args.src) if target_cfg.lift_dim else None
+    if sampler:
+        metadata["l2p_source_sampler"] = json.dumps(sampler)
     start = time.time()
     model.write_safetensors(out, stream(), metadata, specs=specs)
 
@@ -355,6 +369,9 @@ def main(argv=None):
               f"{float(fit_stats['align_pixel_energy_in_subspace']):.1%} of the pixel energy in the subspace, "
               f"{float(fit_stats['align_latent_energy_unexplained']):.1%} of the latent energy unexplained, "
               f"{fit_seconds:.0f} s")
+    if sampler:
+        print(f"sampler the source's, sample.py's defaults: {sampler[0]} steps, CFG {sampler[1]}, shift "
+              f"{sampler[2] or 'exp(mu)'} (x patch / 16)")
     if args.head_steps:
         print(f"head    {args.head_steps} steps decoding the lifted latents: x0 error {fit_stats['head_decode_loss']}, "
               f"{head_seconds:.0f} s")

@@ -195,6 +195,7 @@ class ZImageConfig:
     head_sigma: bool = False  # the head reads sigma as an input channel
     head_lift: bool = False  # the head reads the lifted prediction (3 more input channels)
     head_token_norm: bool = False  # the head reads the tokens' parameter-free LayerNorm instead of the raw tokens
+    source_sampler: tuple = ()  # a lift's: its source's (steps, guidance, static shift), sample.py's defaults
 
     @property
     def ffn_dim(self) -> int:
@@ -378,6 +379,7 @@ class Flux2Config:
     head_sigma: bool = False
     head_lift: bool = False
     head_token_norm: bool = False  # the head reads LayerNorm(tokens), what norm_out applies before its modulation
+    source_sampler: tuple = ()  # as for Z-Image; its shift 0: exp(mu) for the token count
     single_tail: int = 0  # > 0: the last single_tail single blocks read a private copy of the single modulation
 
     @property
@@ -880,14 +882,15 @@ def l2p_config(source: "ZImageConfig | Flux2Config", patch_size: int = 16, head_
 
 def l2p_fields(shapes: dict[str, tuple[int, ...]], patch_size: int, meta: dict[str, str]) -> dict:
     """The pixel model's recipe fields (config) from its shapes and what its metadata records (l2p_recipe: none is
-    the paper's, as in the released files; l2p_head_tokens: norm, else raw); a lifted model predicts x0 whatever its
-    metadata says."""
+    the paper's, as in the released files; l2p_head_tokens: norm, else raw; l2p_source_sampler: a lift's source's
+    sampler); a lifted model predicts x0 whatever its metadata says."""
     recipe = meta.get("l2p_recipe")
     first_conv = f"local_decoder.enc{DETAILER_LEVELS[-int(math.log2(patch_size))][0]}.0.weight"
     lift_dim, inputs = shapes.get("lift.basis", (0,))[0], shapes[first_conv][1]  # 3 (+ 3 lifted) (+ 1 sigma)
     return dict(head_width=shapes["local_decoder.enc1.0.weight"][0], head_sigma=inputs % 3 == 1,
                 head_lift=inputs >= 6, lift_dim=lift_dim, x_prediction=bool(lift_dim) or recipe == "x0",
-                head_token_norm=meta.get("l2p_head_tokens") == "norm")
+                head_token_norm=meta.get("l2p_head_tokens") == "norm",
+                source_sampler=tuple(json.loads(meta.get("l2p_source_sampler", "[]"))))
 
 
 def new_model(cfg: "ZImageConfig | Flux2Config") -> "ZImageDiT | Flux2DiT":
@@ -1929,10 +1932,11 @@ def source_sampler_settings(repo, height: int = 1024, width: int = 1024, steps: 
 
 def pixel_shift(cfg: "ZImageConfig | Flux2Config", tokens: int, steps: int) -> float:
     """The pixel model's default sigma shift (sample.py, train.py): 3, or FLUX.2 [klein]'s exp(mu) for the token
-    count. A lift extended to patches of p > 16 pixels (2K, 4K) multiplies it by p / 16: the image's projection grows
+    count, or a lift's source's static shift (Z-Image base: 6). A lift extended to patches of p > 16 pixels (2K, 4K) multiplies it by p / 16: the image's projection grows
     by that factor (extend_lift), the noise's does not, and this shift gives its DiT the noise levels of 1K. (The
     extension's factor is p / the source's token, 16 pixels for both published sources; tiny test VAEs differ.)"""
     shift = math.exp(compute_empirical_mu(tokens, steps)) if cfg.family == "flux2" else 3.0
+    shift = cfg.source_sampler[2] if cfg.source_sampler and cfg.source_sampler[2] else shift
     return shift * (cfg.patch_size / SOURCE_TOKEN_PIXELS if cfg.lift_dim else 1)
 
 

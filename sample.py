@@ -8,7 +8,8 @@ Sample images from an L2P pixel model, from 1K up to native 4K, and optionally f
 Defaults reproduce the released sampler: patch-16 models at 1024^2 with 30 steps and CFG 2.0, patch-64 models at
 4096^2 with 50 steps and CFG 4.0; shift 3; empty negative prompt; CFG written v = v_neg + cfg * (v_pos - v_neg).
 A pixel FLUX.2 [klein] model samples as klein-base does: 50 steps, CFG 4.0, shift exp(mu) for its token count.
-A lifted model (convert.py's default recipe) at 2K / 4K multiplies the shift by patch / 16 (model.pixel_shift).
+A lifted model (convert.py's default recipe) samples as its source does (its DiT is the source's: Turbo 8 steps, CFG
+off; convert.py records the sampler), at 2K / 4K with the shift times patch / 16 (model.pixel_shift).
 The prompts are encoded first and the 4B text encoder freed before the DiT is loaded.
 """
 
@@ -39,9 +40,10 @@ def parse_args(argv=None):
                                                 "(1024 at patch 16, 4096 at patch 64)")
     parser.add_argument("--width", type=int, help="width in pixels (overrides --res)")
     parser.add_argument("--height", type=int, help="height in pixels (overrides --res)")
-    parser.add_argument("--steps", type=int, help="Euler steps; default 30 (patch 16) or 50 (patch 64)")
+    parser.add_argument("--steps", type=int, help="Euler steps; default 30 (patch 16) or 50 (patch 64), a lift's "
+                                                  "source's")
     parser.add_argument("--cfg", type=float, help="CFG scale c, v = v_neg + c (v_pos - v_neg), 1 = off; default "
-                                                  "2.0 (patch 16) or 4.0 (patch 64)")
+                                                  "2.0 (patch 16) or 4.0 (patch 64), a lift's source's")
     parser.add_argument("--shift", type=float, help="static shift of the sigma grid (default 3; FLUX.2: exp(mu); a "
                                                     "lifted model's times its patch / 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image k of a prompt uses "
@@ -122,8 +124,9 @@ def resolve_settings(args, dit_cfg) -> tuple[int, int, int, float, float]:
     patch, flux2 = (dit_cfg.patch_size, dit_cfg.family == "flux2") if dit_cfg else (16, False)
     res = args.res or 1024 * patch // 16
     width, height = args.width or res, args.height or res
-    steps = args.steps or (50 if patch >= 64 or flux2 else 30)
-    cfg = args.cfg if args.cfg is not None else (4.0 if patch >= 64 or flux2 else 2.0)
+    steps, cfg = dit_cfg.source_sampler[:2] if dit_cfg and dit_cfg.source_sampler else (
+        50 if patch >= 64 or flux2 else 30, 4.0 if patch >= 64 or flux2 else 2.0)
+    steps, cfg = args.steps or steps, args.cfg if args.cfg is not None else cfg
     shift = args.shift or (model.pixel_shift(dit_cfg, (width // patch) * (height // patch), steps) if dit_cfg else 3.0)
     if width % patch or height % patch:
         raise SystemExit(f"{width}x{height} is not a multiple of the model's {patch}-pixel patch: pick a size "

@@ -148,6 +148,7 @@ def test_a_lifted_init_trains_on_its_samplers_states(repo, data, tmp_path, monke
     init = tmp_path / "lift.safetensors"
     convert.main(["--src", str(repo), "--out", str(init), "--head-width", "16", "--head-steps", "0",
                   "--align-data", str(data)])
+    assert model.open_checkpoint(init).cfg.source_sampler == (50, 4.0, 0)  # klein-base's: its shift is exp(mu)
     calls, forward = [], model.Flux2DiT.forward
 
     def recording(self, x, sigma, cap, cap_mask, **kwargs):

@@ -1,6 +1,8 @@
 """sample.py on tiny models: sizes, determinism, CFG, released layout, the source side by side, errors."""
 
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from safetensors.torch import load_file
 import convert
 import model
 import sample
+from test_lift import align_images
 from tiny import give_head_an_output, make_tiny_zimage_repo, save_single_file
 
 
@@ -84,6 +87,30 @@ def test_defaults_follow_the_patch():
     assert sample.resolve_settings(args, paper(16)) == (1024, 1024, 30, 2.0, 3.0)
     assert sample.resolve_settings(args, paper(64)) == (4096, 4096, 50, 4.0, 3.0)
     assert sample.resolve_settings(args, None)[-1] == 3.0  # --latent alone
+
+
+def test_a_lift_samples_with_its_sources_sampler(repo, tmp_path):
+    """A lift's DiT is its source's: convert.py records the source's sampler from its repo (the tiny repo's scheduler
+    is Turbo's: 8 steps, CFG off, shift 3; with base's shift 6: 50 steps, CFG 5), sample.py and train.py follow it."""
+    base = tmp_path / "base"
+    shutil.copytree(repo, base)
+    scheduler = base / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "shift": 6.0}))
+    images = align_images(tmp_path / "images")
+    for source, expected in ((repo, (8, 1.0, 3.0)), (base, (50, 5.0, 6.0))):
+        out = tmp_path / f"{source.name}.safetensors"
+        convert.main(["--src", str(source), "--out", str(out), "--head-width", "16", "--head-steps", "0",
+                      "--align-data", str(images)])
+        cfg = model.open_checkpoint(out).cfg
+        assert cfg.source_sampler == expected and model.pixel_shift(cfg, 64 * 64, 30) == expected[2]
+        assert sample.resolve_settings(sample.parse_args([]), cfg)[2:] == expected
+        assert sample.resolve_settings(sample.parse_args(["--steps", "5", "--cfg", "2.5", "--shift", "4"]), cfg)[
+            2:] == (5, 2.5, 4.0)
+    single = next((repo / "transformer").glob("*.safetensors"))  # no scheduler to read: the released defaults
+    convert.main(["--src", str(single), "--vae", str(repo), "--out", str(tmp_path / "single.safetensors"),
+                  "--head-width", "16", "--head-steps", "0", "--align-data", str(images)])
+    cfg = model.open_checkpoint(tmp_path / "single.safetensors").cfg
+    assert cfg.source_sampler == () and sample.resolve_settings(sample.parse_args([]), cfg)[2:] == (30, 2.0, 3.0)
 
 
 @pytest.mark.parametrize("source", [model.ZImageConfig(), model.Flux2Config()], ids=["zimage", "flux2"])
