@@ -1932,9 +1932,10 @@ def source_sampler_settings(repo, height: int = 1024, width: int = 1024, steps: 
 
 def pixel_shift(cfg: "ZImageConfig | Flux2Config", tokens: int, steps: int) -> float:
     """The pixel model's default sigma shift (sample.py, train.py): 3, or FLUX.2 [klein]'s exp(mu) for the token
-    count, or a lift's source's static shift (Z-Image base: 6). A lift extended to patches of p > 16 pixels (2K, 4K) multiplies it by p / 16: the image's projection grows
-    by that factor (extend_lift), the noise's does not, and this shift gives its DiT the noise levels of 1K. (The
-    extension's factor is p / the source's token, 16 pixels for both published sources; tiny test VAEs differ.)"""
+    count, or a lift's source's static shift (Z-Image base: 6). A lift extended to patches of p > 16 pixels (2K, 4K)
+    multiplies it by p / 16: the image's projection grows by that factor (extend_lift), the noise's does not, and
+    this shift gives its DiT the noise levels of 1K. (The extension's factor is p / the source's token, 16 pixels
+    for both published sources; tiny test VAEs differ.)"""
     shift = math.exp(compute_empirical_mu(tokens, steps)) if cfg.family == "flux2" else 3.0
     shift = cfg.source_sampler[2] if cfg.source_sampler and cfg.source_sampler[2] else shift
     return shift * (cfg.patch_size / SOURCE_TOKEN_PIXELS if cfg.lift_dim else 1)

@@ -44,8 +44,8 @@ def parse_args(argv=None):
                                                   "source's")
     parser.add_argument("--cfg", type=float, help="CFG scale c, v = v_neg + c (v_pos - v_neg), 1 = off; default "
                                                   "2.0 (patch 16) or 4.0 (patch 64), a lift's source's")
-    parser.add_argument("--shift", type=float, help="static shift of the sigma grid (default 3; FLUX.2: exp(mu); a "
-                                                    "lifted model's times its patch / 16)")
+    parser.add_argument("--shift", type=float, help="static shift of the sigma grid (default 3, a lift's source's; "
+                                                    "FLUX.2: exp(mu); a lift's times its patch / 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image k of a prompt uses "
                                                             "seed + k, the same for every prompt")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")

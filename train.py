@@ -156,7 +156,7 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
         raise SystemExit("--states source needs the source's VAE to make its states (a lifted init's default): pass "
                          "--vae <the source's repo, vae/ folder or file>, or --states image to noise the images")
     if args.shift is None:  # train on the sigmas the sampler uses at this size
-        args.shift = model.pixel_shift(cfg, (args.res // cfg.patch_size) ** 2, 50)
+        args.shift = model.pixel_shift(cfg, (args.res // cfg.patch_size) ** 2, (cfg.source_sampler or (50,))[0])
     vae = model.load_vae(args.vae, device, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
                          family=cfg.family).eval() if args.states == "source" else None
     if vae is not None:
