@@ -253,14 +253,19 @@ def aligned_tensors(args, source: model.DiTCheckpoint, cfg) -> tuple[dict[str, t
     return aligned, stats, kept
 
 
-def source_sampler(src) -> list | None:
-    """[steps, guidance, static shift (0: FLUX.2's exp(mu))] of the source's own sampler, read from its repo root
-    (None for a single file): a lift samples with the source's DiT, so this is what sample.py defaults to for it."""
-    try:
-        settings = model.source_sampler_settings(src)
-    except model.CheckpointError:
-        return None
-    return [settings["steps"], settings["guidance"], settings["shift"] if model.pipeline_family(src) == "zimage" else 0]
+def source_sampler(src, family: str) -> list | None:
+    """[steps, guidance, static shift (0: FLUX.2's exp(mu))] of the source's own sampler, from the repo root at or
+    above --src (Z-Image: scheduler/, FLUX.2: model_index.json): a lift samples with the source's DiT, so this is
+    what sample.py defaults to for it. None, said in a line, where no repo root is found."""
+    path = Path(src).resolve()
+    for root in (path, *path.parents[:2]):  # a repo root, its transformer/ folder, or a file in that folder
+        if (root / ("model_index.json" if family == "flux2" else "scheduler/scheduler_config.json")).is_file():
+            settings = (model.flux2_sampler_settings(root, 1024, 1024) if family == "flux2" else
+                        model.source_sampler_settings(root))
+            return [settings["steps"], settings["guidance"], settings["shift"] if family == "zimage" else 0]
+    print(f"sampler --src {src} has no repo root around it: sample.py will use the released defaults for this lift "
+          "(pass the source's --steps / --cfg, e.g. Turbo's 8 and 1)")
+    return None
 
 
 def count(specs) -> int:
@@ -350,7 +355,7 @@ def main(argv=None):
         metadata["l2p_head_tokens"] = "norm"
     if args.recipe != "paper":  # a file without l2p_recipe is the paper's, as the released ones
         metadata.update({"l2p_recipe": args.recipe, **fit_stats})
-    sampler = source_sampler(args.src) if target_cfg.lift_dim else None
+    sampler = source_sampler(args.src, source.cfg.family) if target_cfg.lift_dim else None
     if sampler:
         metadata["l2p_source_sampler"] = json.dumps(sampler)
     start = time.time()

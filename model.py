@@ -887,10 +887,11 @@ def l2p_fields(shapes: dict[str, tuple[int, ...]], patch_size: int, meta: dict[s
     recipe = meta.get("l2p_recipe")
     first_conv = f"local_decoder.enc{DETAILER_LEVELS[-int(math.log2(patch_size))][0]}.0.weight"
     lift_dim, inputs = shapes.get("lift.basis", (0,))[0], shapes[first_conv][1]  # 3 (+ 3 lifted) (+ 1 sigma)
+    sampler = json.loads(meta.get("l2p_source_sampler", "[]"))  # [steps, guidance, shift]
     return dict(head_width=shapes["local_decoder.enc1.0.weight"][0], head_sigma=inputs % 3 == 1,
                 head_lift=inputs >= 6, lift_dim=lift_dim, x_prediction=bool(lift_dim) or recipe == "x0",
                 head_token_norm=meta.get("l2p_head_tokens") == "norm",
-                source_sampler=tuple(json.loads(meta.get("l2p_source_sampler", "[]"))))
+                source_sampler=(int(sampler[0]), *map(float, sampler[1:])) if sampler else ())
 
 
 def new_model(cfg: "ZImageConfig | Flux2Config") -> "ZImageDiT | Flux2DiT":

@@ -6,13 +6,11 @@ Train the L2P pixel model: the shallow layers learn pixels while the frozen midd
     python train.py ... --resume                                                           # continue a run exactly
     python train.py --plan-only                                                            # memory plan, real size
 
-The objective is written out in the loop (L2P.md): x0 in [-1, 1], sigma one of 1000 shift-3 steps, eps ~ N(0, I),
-x_sigma = (1 - sigma) x0 + sigma eps, plain fp32 MSE between v and eps - x0. Every draw is seeded by the sample's
-global position: any number of processes or micro-batches gives the same run, and --resume continues it exactly.
-An init converted from FLUX.2 [klein] trains the same way, on sigmas shifted as its sampler's (exp(mu), 7.56 at 1024^2).
-An init of convert.py's lift recipe trains its Detailer Head alone on the x0 error (--trainable head --loss x0) on its
-sampler's states: x0's in-span part replaced by the lift of x0's VAE latent (--vae), noised; noising x0 itself erodes
-the converted model (the DiT misreads the projection). The other recipes train the shallow layers on noised images.
+The objective is written out in the loop: x0 in [-1, 1], sigma one of 1000 shift-3 steps (FLUX.2: exp(mu), 7.56 at
+1024^2), eps ~ N(0, I), x_sigma = (1 - sigma) x0 + sigma eps, fp32 MSE between v and eps - x0, each draw seeded by the
+sample's global position (any number of processes or micro-batches gives the same run; --resume continues it exactly).
+A lifted init trains its Detailer Head alone on the x0 error, on its sampler's states (--vae: x0's in-span part
+replaced by the lift of its VAE latent, noised; noising x0 erodes it); the other recipes train shallow layers.
 
 The network computes in --dtype (bf16 on CUDA, fp32 on the CPU); AdamW updates fp32 masters of the trained tensors
 (model.set_trainable's policy), micro-batches accumulating in fp32 (MasterWeights; torch's default would in bf16),
@@ -66,8 +64,8 @@ def parse_args(argv=None):
     add("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = off")
     add("--warmup", type=int, default=100, help="linear learning-rate warmup in steps, constant after")
     add("--ema", type=float, default=0.0, help="EMA decay of the trained weights, e.g. 0.9999 (0 = off, as released)")
-    add("--shift", type=float, help="sigma shift s: sigma = s u / (1 + (s - 1) u); default the sampler's: 3 for "
-                                    "Z-Image, FLUX.2's exp(mu) at --res (7.56 at 1024^2), x patch / 16 for a lift")
+    add("--shift", type=float, help="sigma shift s: sigma = s u / (1 + (s - 1) u); default the sampler's: 3 (a lift: "
+                                    "its source's), FLUX.2's exp(mu) at --res; x patch / 16 for a lift")
     add("--seed", type=int, default=0, help="seeds the data order, sigma and noise, sample by sample")
     add("--train-blocks", type=int, default=5, help="n: the first and last n main layers train (the paper: 5)")
     add("--strict-freeze", action="store_true", help="only the patch embedder, first/last n layers and head train "
@@ -100,16 +98,15 @@ def parse_args(argv=None):
     add("--workers", type=int, default=min(4, len(os.sched_getaffinity(0)) - 1),
         help="DataLoader worker processes per training process (default: up to 4, fewer than the cores)")
     add("--plan-only", action="store_true", help="print the memory plan of each mode and exit (no weights loaded)")
-    add("--size", choices=["real", "flux2"], default="real", help="--plan-only without --init: the real 6.17B L2P of "
-                                                                  "Z-Image, or the 3.87B L2P of FLUX.2 [klein]")
+    add("--size", choices=["real", "flux2"], default="real", help="--plan-only, no --init: Z-Image's or klein's L2P")
     # logging, samples, checkpoints
     add("--log-every", type=int, default=10, help="print and append to log.jsonl every N steps")
     add("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     add("--sample-every", type=int, default=500, help="a grid of samples every N steps (0 = never): judge progress on "
                                                       "them, the loss can fall while samples stay noise")
     add("--sample-count", type=int, default=4, help="samples per grid: the first prompts of the data")
-    add("--sample-steps", type=int, default=30, help="Euler steps per sample (released 1K: 30)")
-    add("--sample-guidance", type=float, default=2.0, help="CFG c of the samples, v_neg + c (v_pos - v_neg)")
+    add("--sample-steps", type=int, help="Euler steps per sample (released 1K: 30; a lift: its source's)")
+    add("--sample-guidance", type=float, help="CFG c of the samples (default 2.0; a lift: its source's)")
     add("--max-bad-steps", type=int, default=5, help="steps in a row with a non-finite loss or gradient (each "
                                                      "skipped) before the run stops, saved")
     args = parser.parse_args(argv)
@@ -454,6 +451,9 @@ def recipe_defaults(args, cfg: "model.ZImageConfig | model.Flux2Config"):
     args.trainable = args.trainable or ("head" if cfg.lift_dim else "shallow")
     args.loss = args.loss or ("x0" if cfg.x_prediction else "v")
     args.states = args.states or ("source" if cfg.lift_dim else "image")
+    steps, guidance = cfg.source_sampler[:2] or (30, 2.0)  # the samples: a lift's source's sampler, else the release's
+    args.sample_steps = args.sample_steps or steps
+    args.sample_guidance = guidance if args.sample_guidance is None else args.sample_guidance
     if args.states == "source" and not (cfg.lift_dim and args.loss == "x0"):
         raise SystemExit(f"--states source needs a lifted init (convert.py --recipe lift) and --loss x0; got "
                          f"{'a lifted' if cfg.lift_dim else 'an unlifted'} init and --loss {args.loss}. Pass them, or "

@@ -106,11 +106,18 @@ def test_a_lift_samples_with_its_sources_sampler(repo, tmp_path):
         assert sample.resolve_settings(sample.parse_args([]), cfg)[2:] == expected
         assert sample.resolve_settings(sample.parse_args(["--steps", "5", "--cfg", "2.5", "--shift", "4"]), cfg)[
             2:] == (5, 2.5, 4.0)
-    single = next((repo / "transformer").glob("*.safetensors"))  # no scheduler to read: the released defaults
-    convert.main(["--src", str(single), "--vae", str(repo), "--out", str(tmp_path / "single.safetensors"),
-                  "--head-width", "16", "--head-steps", "0", "--align-data", str(images)])
-    cfg = model.open_checkpoint(tmp_path / "single.safetensors").cfg
-    assert cfg.source_sampler == () and sample.resolve_settings(sample.parse_args([]), cfg)[2:] == (30, 2.0, 3.0)
+    # the transformer/ folder of a repo, or a file in it, finds the repo root; a file anywhere else gets the
+    # released defaults
+    alone = tmp_path / "alone" / "z_image.safetensors"
+    alone.parent.mkdir()
+    shutil.copy(next((base / "transformer").glob("*.safetensors")), alone)
+    for source, expected in ((base / "transformer", (50, 5.0, 6.0)), (alone, ())):
+        out = tmp_path / f"{source.name}.safetensors"
+        convert.main(["--src", str(source), "--vae", str(repo), "--out", str(out), "--head-width", "16",
+                      "--head-steps", "0", "--align-data", str(images)])
+        cfg = model.open_checkpoint(out).cfg
+        assert cfg.source_sampler == expected
+    assert sample.resolve_settings(sample.parse_args([]), cfg)[2:] == (30, 2.0, 3.0)
 
 
 @pytest.mark.parametrize("source", [model.ZImageConfig(), model.Flux2Config()], ids=["zimage", "flux2"])
