@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import convert
 import model
 import sample
+import train
 from test_lift import align_images
 from tiny import give_head_an_output, make_tiny_zimage_repo, save_single_file
 
@@ -106,6 +107,9 @@ def test_a_lift_samples_with_its_sources_sampler(repo, tmp_path):
         assert sample.resolve_settings(sample.parse_args([]), cfg)[2:] == expected
         assert sample.resolve_settings(sample.parse_args(["--steps", "5", "--cfg", "2.5", "--shift", "4"]), cfg)[
             2:] == (5, 2.5, 4.0)
+        args = train.parse_args(["--plan-only"])  # train.py's sample grids too
+        train.recipe_defaults(args, cfg)
+        assert (args.sample_steps, args.sample_guidance) == expected[:2]
     # the transformer/ folder of a repo, or a file in it, finds the repo root; a file anywhere else gets the
     # released defaults
     alone = tmp_path / "alone" / "z_image.safetensors"
