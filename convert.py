@@ -140,7 +140,7 @@ def fit_to_source(args, vae_path, family: str, latent_dim: int) -> tuple[torch.T
     vae = model.load_vae(vae_path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                          family=family)
     model.check_lift_vae(vae, latent_dim, f"--vae {vae_path}")
-    token = vae.downscale * model.latent_token_patch(vae)  # pixels per latent token side: 16 for both sources
+    token = model.latent_token_pixels(vae)
     if args.patch % token:
         raise SystemExit(f"--patch {args.patch}: the lift needs a multiple of the source's latent token, {token} x "
                          f"{token} pixels")

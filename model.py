@@ -735,7 +735,7 @@ class PixelLift(nn.Module):
         VAE's encoding, one token per p x p patch: area-downsampled to the source's token first, as extend_lift):
         the x0 that the lifted sampler's states move towards when the DiT predicts that latent, so training on
         (1 - sigma) source_image + sigma eps matches what the sampler will feed."""
-        token = vae.downscale * latent_token_patch(vae)
+        token = latent_token_pixels(vae)
         latent = latent_tokens(vae, F.avg_pool2d(image, p // token) if p > token else image)
         lifted = unpatchify(self.to_pixels(latent), p, *image.shape[2:])
         return lifted + image.float() - self.in_subspace(image, p)
@@ -815,6 +815,11 @@ def latent_token_patch(vae: "FluxVAE | Flux2VAE") -> int:
     """Latent positions per token side: Z-Image's token is 2 x 2 positions of FLUX.1's 16-channel latent, FLUX.2's
     one position of its 128 packed channels (both 16 x 16 pixels: latent_token_patch(vae) * vae.downscale)."""
     return ZIMAGE_LATENT_PATCH if isinstance(vae, FluxVAE) else 1
+
+
+def latent_token_pixels(vae: "FluxVAE | Flux2VAE") -> int:
+    """Pixels per latent token side: SOURCE_TOKEN_PIXELS for both published VAEs (less for tiny test VAEs)."""
+    return vae.downscale * latent_token_patch(vae)
 
 
 def check_lift_vae(vae: "FluxVAE | Flux2VAE", latent_dim: int, flag: str) -> None:
@@ -2421,7 +2426,7 @@ def memory_plan(cfg: ZImageConfig, counts: dict, *, res: int, micro_batch: int, 
     encode = 0
     if vae is not None:
         gpu["source VAE"] = elem * sum(p.numel() for p in vae.parameters())
-        side = res * vae.downscale * latent_token_patch(vae) // cfg.patch_size  # PixelLift.source_image's input
+        side = res * latent_token_pixels(vae) // cfg.patch_size  # PixelLift.source_image's input
         encode = micro_batch * side * side * VAE_ENCODE_ROWS * vae.cfg.block_out_channels[0] * elem
     gpu["activations"] = max(encode, activation_bytes(cfg, counts["head"], res, micro_batch, caption_tokens, elem,
                                                       checkpointing, counts["head_only"]))
