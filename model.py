@@ -1855,8 +1855,8 @@ def sample(model: nn.Module, noise: torch.Tensor, cap: torch.Tensor, cap_mask: t
 
     for i in tqdm(range(steps), desc="sampling", unit="step", disable=not progress):
         x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i].expand(B))
-    if getattr(getattr(model, "cfg", None), "lift_dim", 0):
-        x = x - X0_MIN_SIGMA * velocity(x, sigmas[-1].expand(B))  # at sigma 0 its v is (x - x0) / X0_MIN_SIGMA
+    if getattr(getattr(model, "cfg", None), "lift_dim", 0):  # at sigma 0 its v is (x - x0) / X0_MIN_SIGMA, with
+        x = x.to(dtype).float() - X0_MIN_SIGMA * velocity(x, sigmas[-1].expand(B))  # the x it read (bf16 on CUDA)
     return x
 
 

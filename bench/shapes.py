@@ -17,8 +17,8 @@ and a baseline: the same pixel architecture trained from scratch, every layer tr
     python bench/shapes.py --full --real-data   # + L2P on ground-truth renders of the same prompts (the paper's
                                                 #   data ablation: the source's own samples should win)
 
-Finished stages are cached under --runs with their wall time (--fresh redoes them). Output: results.md +
-results.json (per-task and overall ShapeEval, trainable fraction, seconds per stage, the convergence curve from step 0:
+Finished stages are cached under --runs with their wall time and code commit (--fresh redoes them). Output: results.md
++ results.json (per-task and overall ShapeEval, trainable fraction, seconds and commit per stage, the curve from step 0:
 ShapeEval, the validation losses on held-out source samples and the prompt effect, for L2P and scratch; the ablation
 of every L2P recipe run in the folder), curve.png, grid.png (source | L2P | scratch for the same prompts and seeds)
 and grid_step0.png (source | the converted L2P model before training); a run of another recipe or --name writes them
@@ -304,8 +304,9 @@ def write_report(results: dict, out: Path, suffix: str):
                 f"{p['score']['per_task'][t]:.3f}" for t in shapeworld.TASKS) + f" | {p['val_loss']:.4f} | "
                 f"{p['val_x0_loss']:.4f} | {loss(p.get('train_state_x0_loss'))} | {p['prompt_effect']:.3f} | "
                 f"{row['seconds'] or 0:.0f} |")
-    lines += ["", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in results["seconds"].items()]
+    lines += ["", "| stage | seconds | code |", "|---|---|---|"]
+    lines += [f"| {stage} | {seconds:.0f} | {results['code'].get(stage, '-')} |"
+              for stage, seconds in results["seconds"].items()]
     model.atomic_write(out / f"results{suffix}.md", ("\n".join(lines) + "\n").encode())
     model.atomic_write(out / f"results{suffix}.json", json.dumps(results, indent=2).encode())
 
@@ -412,6 +413,18 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
     log_file, seconds_file, device = out / "scripts.log", out / "seconds.json", args.device
     # wall time per stage, kept with the cache: a report built from cached stages still shows what each one cost
     seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
+    # and the code's commit per stage (a curve resumed under another commit names both)
+    code_file, commit = out / "code.json", toysource.commit(out)
+    code = json.loads(code_file.read_text()) if code_file.exists() else {}
+
+    def record(name: str, begin: float, resumed: bool = False):
+        seconds[name] = (seconds.get(name, 0) if resumed else 0) + time.time() - begin
+        if not resumed or name not in code:
+            code[name] = commit
+        elif not code[name].endswith(commit):
+            code[name] += f", then {commit}"
+        write_json(seconds_file, seconds)
+        write_json(code_file, code)
     corpus = out / "corpus"
 
     scenes = toysource.eval_scenes(plan.eval_prompts, args.seed)
@@ -429,8 +442,7 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
         value = build()
         if keep_json:
             write_json(done, value)
-        seconds[name] = time.time() - begin
-        write_json(seconds_file, seconds)
+        record(name, begin)
         return value
 
     truth = np.stack([shapeworld.render(s, SIZE) for s in scenes])
@@ -514,9 +526,7 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
                                         partial(score_pixel, source_states=train_args.states == "source"), log_file,
                                         device, curve_file)
         if len(json.loads(curve_file.read_text())) > points_before:
-            key = f"train.py + sample.py: {tag}"
-            seconds[key] = (seconds.get(key, 0) if points_before else 0) + time.time() - begin
-            write_json(seconds_file, seconds)
+            record(f"train.py + sample.py: {tag}", begin, resumed=points_before > 0)
         scores[name] = curves[name][-1]["score"]
         pixel_images[name] = read_samples(out / f"samples_{tag}_step{curves[name][-1]['step']}")
     ablation = {path.stem.removeprefix("curve_l2p-"): json.loads(path.read_text())
@@ -542,7 +552,7 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
         "scores": scores, "curve": curve,
         "l2p_over_source": scores["l2p"]["overall"] / max(scores["source"]["overall"], 1e-9),
         "trainable_fraction": {"l2p": trainable / (trainable + frozen), "scratch": 1.0},
-        "seconds": {**seconds, "total": sum(seconds.values())},
+        "seconds": {**seconds, "total": sum(seconds.values())}, "code": code,
         "ablation": {name: {"first": points[0], "last": points[-1],
                             "seconds": seconds.get(f"train.py + sample.py: l2p-{name}")}
                      for name, points in ablation.items()},

@@ -250,6 +250,26 @@ def test_head_steps_teach_the_head_to_decode_the_lifted_latents(zimage_repo, tmp
         assert rel(net(x, sigma, cap, mask), reference) > 1e-4
 
 
+def test_a_lifted_models_last_call_returns_its_x0_unrounded_in_bf16():
+    """The sampler's call at sigma = 0 returns the x0 the model predicts, not x0 plus the bf16 rounding of the state
+    it read (the model's v is formed from that rounded state)."""
+    target = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    class PredictsTarget(torch.nn.Module):  # x0 = target at every sigma, v = (x - x0) / max(sigma, min), as a lift
+        cfg = model.ZImageConfig(lift_dim=1)
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16))
+
+        def forward(self, x, sigma, cap, cap_mask):
+            return (x.float() - target) / sigma.clamp_min(model.X0_MIN_SIGMA).view(-1, 1, 1, 1)
+
+    noise = model.noise_for_seeds([0, 1], (3, 16, 16))
+    sampled = model.sample(PredictsTarget(), noise, None, None, 3, 3.0)
+    assert rel(sampled, target) < 1e-6  # x0 + (x - bf16(x)), the rounding kept: about 2e-3
+
+
 # ---- the paper's recipe, unchanged ----
 
 PAPER_SHA256 = "34ec25504e64bd72f75ec8a0bb9393a288678fa10453eea23bcb3d680bf3529e"  # convert.py before the recipes

@@ -38,6 +38,8 @@ def test_every_stage_runs_from_the_shipped_source_and_the_l2p_loss_falls(tmp_pat
     assert all(p["scratch_train_state_x0_loss"] == pytest.approx(p["scratch_val_x0_loss"], rel=1e-4) and
                abs(p["l2p_train_state_x0_loss"] / p["l2p_val_x0_loss"] - 1) > 1e-2 for p in saved["curve"])
     assert 0 < saved["trainable_fraction"]["l2p"] < 1
+    assert set(saved["code"]) == set(saved["seconds"]) - {"total"}  # the commit of the code that ran each stage
+    assert set(saved["code"].values()) == {shapes.toysource.commit(tmp_path)}
     assert Image.open(tmp_path / "grid.png").size[0] > 4 * 64 and Image.open(tmp_path / "curve.png").size == (1100, 420)
     assert saved["recipe"] == "lift" and set(saved["ablation"]) == {"lift"}
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run_l2p-lift" / "log.jsonl").read_text().splitlines()
@@ -72,6 +74,7 @@ def test_every_stage_runs_from_the_shipped_source_and_the_l2p_loss_falls(tmp_pat
     longer = shapes.main(["--runs", str(tmp_path), "--real-data", "--steps", "36"], plan=TINY)  # the curve goes on
     assert [p["step"] for p in longer["curve"]] == [0, 12, 24, 36]
     assert longer["curve"][:3] == saved["curve"]  # the points already scored are kept, not redone
+    assert longer["code"].items() >= saved["code"].items()  # resumed under the same commit: named once
     log = (tmp_path / "run_l2p-lift" / "log.jsonl").read_text().splitlines()
     assert max(json.loads(line).get("step") or 0 for line in log) == 36
 
