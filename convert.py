@@ -21,6 +21,7 @@ checkpoint (for Z-Image in the released L2P layout, which other L2P code can loa
 
 import argparse
 import json
+import os
 import time
 from itertools import chain
 from dataclasses import replace
@@ -106,6 +107,8 @@ def parse_args(argv=None):
 
 
 ALIGN_BATCH = 8  # images of one size encoded together by the VAE
+HEAD_CROP_TOKENS = 16  # the head's steps read crops of up to 16 x 16 tokens (256 pixels at patch 16)
+HEAD_WINDOW_PIXELS = 1024  # of each align image they keep a window this wide: 1,000 images at 4K would be 50 GB
 
 
 def read_align_images(folder: Path, count: int, patch: int):
@@ -135,7 +138,8 @@ def read_align_images(folder: Path, count: int, patch: int):
 def fit_to_source(args, vae_path, family: str, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor, dict, list]:
     """The lift of --patch pixels onto the source's latent tokens, fitted on the --align-data images area-downsampled
     to the source's 1K token grid (model.fit_lift at the source's token size t, then model.extend_lift by p / t),
-    how well it fits, and (with --head-steps) each image with its latent tokens on the p-patch grid."""
+    how well it fits, and (with --head-steps) each image with its latent tokens on the p-patch grid (a random
+    window of HEAD_WINDOW_PIXELS at 2K / 4K)."""
     device = torch.device(args.device)
     vae = model.load_vae(vae_path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                          family=family)
@@ -145,6 +149,7 @@ def fit_to_source(args, vae_path, family: str, latent_dim: int) -> tuple[torch.T
         raise SystemExit(f"--patch {args.patch}: the lift needs a multiple of the source's latent token, {token} x "
                          f"{token} pixels")
     factor, count = args.patch // token, [0]
+    window, g = max(HEAD_CROP_TOKENS, HEAD_WINDOW_PIXELS // args.patch), torch.Generator().manual_seed(args.seed)
 
     def pairs():
         batch = []
@@ -155,9 +160,12 @@ def fit_to_source(args, vae_path, family: str, latent_dim: int) -> tuple[torch.T
                 small = torch.nn.functional.avg_pool2d(full, factor) if factor > 1 else full
                 with torch.no_grad():
                     z = model.latent_tokens(vae, small.to(device)).cpu()
-                if args.head_steps:  # kept for the head's steps: the image as uint8, its tokens on the grid
-                    h, w = full.shape[-2] // args.patch, full.shape[-1] // args.patch
-                    kept.extend(zip(((full + 1) * 127.5).round().to(torch.uint8), z.unflatten(1, (h, w))))
+                if args.head_steps:  # kept for the head's steps: a window of the image as uint8, its tokens on the grid
+                    h, w, p = full.shape[-2] // args.patch, full.shape[-1] // args.patch, args.patch
+                    for image, tokens in zip(((full + 1) * 127.5).round().to(torch.uint8), z.unflatten(1, (h, w))):
+                        r, c = (int(torch.randint(max(n - window, 0) + 1, (), generator=g)) for n in (h, w))
+                        kept.append((image[:, r * p:(r + window) * p, c * p:(c + window) * p].clone(),
+                                     tokens[r:r + window, c:c + window].clone()))
                 yield model.patchify(small, token), z
                 count[0], batch = count[0] + len(batch), []
             batch += [image] if image is not None else []
@@ -170,7 +178,6 @@ def fit_to_source(args, vae_path, family: str, latent_dim: int) -> tuple[torch.T
     return basis, scale, stats, kept
 
 
-HEAD_CROP_TOKENS = 16  # the head's steps read crops of up to 16 x 16 tokens (256 pixels at patch 16)
 HEAD_SHIFT = 3.0  # sigma shift of the head's steps, Z-Image's training shift
 
 
@@ -257,7 +264,7 @@ def source_sampler(src, family: str) -> list | None:
     """[steps, guidance, static shift (0: FLUX.2's exp(mu))] of the source's own sampler, from the repo root at or
     above --src (Z-Image: scheduler/, FLUX.2: model_index.json): a lift samples with the source's DiT, so this is
     what sample.py defaults to for it. None, said in a line, where no repo root is found."""
-    path = Path(src).resolve()
+    path = Path(os.path.abspath(src))  # not resolve(): a Hugging Face cache links each file into blobs/
     for root in (path, *path.parents[:2]):  # a repo root, its transformer/ folder, or a file in that folder
         if (root / ("model_index.json" if family == "flux2" else "scheduler/scheduler_config.json")).is_file():
             settings = (model.flux2_sampler_settings(root, 1024, 1024) if family == "flux2" else
@@ -277,10 +284,9 @@ def merge(source: model.DiTCheckpoint, out: Path, cast: torch.dtype | None, args
     in fp32)."""
     convert = lambda k, t: t.to(cast) if cast is not None and t.is_floating_point() and k[:5] != "lift." else t
     specs = {k: convert(k, t) for k, t in source.tensors(meta=True)}
-    metadata = {"format": "l2p", "l2p_patch": str(source.cfg.patch_size), "merged_from": str(args.src),
-                "dtype": args.dtype, "written_by": "convert.py"}
-    metadata.update({k: v for k, v in model.safetensors_metadata(source.files[0]).items()
-                     if k in ("l2p_recipe", "l2p_head_tokens", "l2p_source_sampler") or k.startswith("align_")})
+    metadata = {**model.safetensors_metadata(source.files[0]), "format": "l2p",  # the init's recipe, source, fit
+                "l2p_patch": str(source.cfg.patch_size), "merged_from": str(args.src), "dtype": args.dtype,
+                "written_by": "convert.py"}
     model.write_safetensors(out, ((k, convert(k, t)) for k, t in source.tensors()), metadata, specs=specs)
     trained = len(model.safetensors_shapes([source.trained]))
     print(f"merged  {source.layout}: {len(specs)} tensors ({trained} trained), {count(specs):,d} params -> {out} "

@@ -1853,10 +1853,14 @@ def sample(model: nn.Module, noise: torch.Tensor, cap: torch.Tensor, cap_mask: t
             v_pos, v_neg = model(x.to(dtype), sigma, cap, cap_mask), model(x.to(dtype), sigma, neg_cap, neg_mask)
         return (v_neg + guidance * (v_pos - v_neg)).float()
 
+    cfg = getattr(model, "cfg", None)
     for i in tqdm(range(steps), desc="sampling", unit="step", disable=not progress):
-        x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i].expand(B))
-    if getattr(getattr(model, "cfg", None), "lift_dim", 0):  # at sigma 0 its v is (x - x0) / X0_MIN_SIGMA, with
-        x = x.to(dtype).float() - X0_MIN_SIGMA * velocity(x, sigmas[-1].expand(B))  # the x it read (bf16 on CUDA)
+        v = velocity(x, sigmas[i].expand(B))
+        if i == steps - 1 and getattr(cfg, "x_prediction", False):  # v = (x - x0) / sigma of the x it read (bf16 on
+            x = x.to(dtype).float()  # CUDA): the step to sigma 0 lands on its x0, not x0 plus that rounding of x
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    if getattr(cfg, "lift_dim", 0):  # at sigma 0 its v is (x - x0) / X0_MIN_SIGMA
+        x = x.to(dtype).float() - X0_MIN_SIGMA * velocity(x, sigmas[-1].expand(B))
     return x
 
 
@@ -1945,6 +1949,17 @@ def pixel_shift(cfg: "ZImageConfig | Flux2Config", tokens: int, steps: int) -> f
     shift = math.exp(compute_empirical_mu(tokens, steps)) if cfg.family == "flux2" else 3.0
     shift = cfg.source_sampler[2] if cfg.source_sampler and cfg.source_sampler[2] else shift
     return shift * (cfg.patch_size / SOURCE_TOKEN_PIXELS if cfg.lift_dim else 1)
+
+
+def pixel_sampler(cfg: "ZImageConfig | Flux2Config", tokens: int, steps: int | None = None
+                  ) -> tuple[int, float, float]:
+    """A pixel model's default sampler (sample.py, train.py's sample grids): steps (unless given), CFG and shift. A
+    lift: its source's sampler; else the released L2P's, 30 steps with CFG 2.0 at patch 16, 50 with 4.0 at patch 64
+    and for FLUX.2 (klein-base's). The shift is pixel_shift's for those steps."""
+    released = (50, 4.0) if cfg.patch_size >= 64 or cfg.family == "flux2" else (30, 2.0)
+    default_steps, guidance = cfg.source_sampler[:2] if cfg.source_sampler else released
+    steps = steps or default_steps
+    return steps, guidance, pixel_shift(cfg, tokens, steps)
 
 
 # ----------------------------------------------------------------------------------------------------------------

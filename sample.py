@@ -9,7 +9,7 @@ Defaults reproduce the released sampler: patch-16 models at 1024^2 with 30 steps
 4096^2 with 50 steps and CFG 4.0; shift 3; empty negative prompt; CFG written v = v_neg + cfg * (v_pos - v_neg).
 A pixel FLUX.2 [klein] model samples as klein-base does: 50 steps, CFG 4.0, shift exp(mu) for its token count.
 A lifted model (convert.py's default recipe) samples as its source does (its DiT is the source's: Turbo 8 steps, CFG
-off; convert.py records the sampler), at 2K / 4K with the shift times patch / 16 (model.pixel_shift).
+off; convert.py records the sampler), at 2K / 4K with the shift times patch / 16 (model.pixel_sampler).
 The prompts are encoded first and the 4B text encoder freed before the DiT is loaded.
 """
 
@@ -119,15 +119,14 @@ def run(dit, features, negative, jobs, size, steps, cfg, shift, args, vae=None, 
 
 
 def resolve_settings(args, dit_cfg) -> tuple[int, int, int, float, float]:
-    """width, height, steps, cfg, shift: the released defaults for the model's patch (FLUX.2: klein-base's
-    sampler; a lift at 2K / 4K: model.pixel_shift) unless the flags say otherwise. dit_cfg None: --latent alone."""
-    patch, flux2 = (dit_cfg.patch_size, dit_cfg.family == "flux2") if dit_cfg else (16, False)
+    """width, height, steps, cfg, shift: the model's default sampler (model.pixel_sampler) unless the flags say
+    otherwise. dit_cfg None: --latent alone."""
+    patch = dit_cfg.patch_size if dit_cfg else 16
     res = args.res or 1024 * patch // 16
     width, height = args.width or res, args.height or res
-    steps, cfg = dit_cfg.source_sampler[:2] if dit_cfg and dit_cfg.source_sampler else (
-        50 if patch >= 64 or flux2 else 30, 4.0 if patch >= 64 or flux2 else 2.0)
-    steps, cfg = args.steps or steps, args.cfg if args.cfg is not None else cfg
-    shift = args.shift or (model.pixel_shift(dit_cfg, (width // patch) * (height // patch), steps) if dit_cfg else 3.0)
+    steps, cfg, shift = model.pixel_sampler(dit_cfg, (width // patch) * (height // patch), args.steps) if dit_cfg \
+        else (args.steps or 30, 2.0, 3.0)
+    cfg, shift = args.cfg if args.cfg is not None else cfg, args.shift or shift
     if width % patch or height % patch:
         raise SystemExit(f"{width}x{height} is not a multiple of the model's {patch}-pixel patch: pick a size "
                          f"divisible by {patch} (e.g. {max(patch, width // patch * patch)}x"

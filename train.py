@@ -102,11 +102,10 @@ def parse_args(argv=None):
     # logging, samples, checkpoints
     add("--log-every", type=int, default=10, help="print and append to log.jsonl every N steps")
     add("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
-    add("--sample-every", type=int, default=500, help="a grid of samples every N steps (0 = never): judge progress on "
-                                                      "them, the loss can fall while samples stay noise")
+    add("--sample-every", type=int, default=500, help="samples every N steps (0 = never): judge on them, not the loss")
     add("--sample-count", type=int, default=4, help="samples per grid: the first prompts of the data")
-    add("--sample-steps", type=int, help="Euler steps per sample (released 1K: 30; a lift: its source's)")
-    add("--sample-guidance", type=float, help="CFG c of the samples (default 2.0; a lift: its source's)")
+    add("--sample-steps", type=int, help="Euler steps per sample (default sample.py's: a lift's source's, else 30)")
+    add("--sample-guidance", type=float, help="CFG c of the samples (default sample.py's: a lift's source's, else 2)")
     add("--max-bad-steps", type=int, default=5, help="steps in a row with a non-finite loss or gradient (each "
                                                      "skipped) before the run stops, saved")
     args = parser.parse_args(argv)
@@ -446,13 +445,13 @@ def lr_scale(name: str, params: dict[str, torch.Tensor], head_fan_in: int) -> fl
 
 
 def recipe_defaults(args, cfg: "model.ZImageConfig | model.Flux2Config"):
-    """--trainable, --loss and --states where not given: what the init's recipe trains with (see --help). The
-    combinations that cannot train are refused here, for training and --plan-only alike."""
+    """--trainable, --loss and --states where not given: what the init's recipe trains with (see --help); the sample
+    grids' sampler, sample.py's. The combinations that cannot train are refused here, for training and --plan-only."""
     args.trainable = args.trainable or ("head" if cfg.lift_dim else "shallow")
     args.loss = args.loss or ("x0" if cfg.x_prediction else "v")
     args.states = args.states or ("source" if cfg.lift_dim else "image")
-    steps, guidance = cfg.source_sampler[:2] or (30, 2.0)  # the samples: a lift's source's sampler, else the release's
-    args.sample_steps = args.sample_steps or steps
+    steps, guidance, shift = model.pixel_sampler(cfg, (args.res // cfg.patch_size) ** 2, args.sample_steps)
+    args.sample_steps, args.sample_shift = steps, args.shift or shift  # the samples: sample.py's defaults
     args.sample_guidance = guidance if args.sample_guidance is None else args.sample_guidance
     if args.states == "source" and not (cfg.lift_dim and args.loss == "x0"):
         raise SystemExit(f"--states source needs a lifted init (convert.py --recipe lift) and --loss x0; got "
@@ -638,8 +637,9 @@ def write_samples(net: model.ZImageDiT, prompts: list[str], negative: Path | Non
     images = []
     for seed, features in enumerate(prompts):  # one at a time: the peak stays that of a single image
         cap = model.read_caption_features(Path(features))[None]
-        images.append(model.to_uint8(model.generate(net, cap, torch.ones(cap.shape[:2], dtype=torch.bool), [seed],
-                                                    args.res, args.res, args.sample_steps, args.shift, **neg))[0])
+        mask = torch.ones(cap.shape[:2], dtype=torch.bool)
+        images.append(model.to_uint8(model.generate(net, cap, mask, [seed], args.res, args.res, args.sample_steps,
+                                                    args.sample_shift, **neg))[0])
     net.train()
     path = out / "samples" / f"step_{step:06d}.png"
     model.save_png(path, model.image_grid(images, columns=4))

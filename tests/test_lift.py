@@ -117,6 +117,28 @@ def zimage_repo(tmp_path_factory):
     return root
 
 
+def test_head_steps_keep_a_window_of_each_align_image(zimage_repo, tmp_path, monkeypatch):
+    """Of each align image the head's steps keep a random window (at 4K the whole images would not fit in memory)
+    with its own latent tokens; the fit itself reads the whole images."""
+    images = align_images(tmp_path / "images", size=96)
+    args = convert.parse_args(["--src", str(zimage_repo), "--out", str(tmp_path / "x.safetensors"),
+                               "--align-data", str(images)])
+    latent_dim = 4 * model.open_checkpoint(zimage_repo).cfg.in_channels
+    basis, scale, _, whole = convert.fit_to_source(args, zimage_repo, "zimage", latent_dim)
+    monkeypatch.setattr(convert, "HEAD_WINDOW_PIXELS", 32)
+    monkeypatch.setattr(convert, "HEAD_CROP_TOKENS", 1)
+    basis_w, scale_w, _, windows = convert.fit_to_source(args, zimage_repo, "zimage", latent_dim)
+    assert torch.equal(basis, basis_w) and torch.equal(scale, scale_w)
+    corners = set()
+    for (image, tokens), (window, window_tokens) in zip(whole, windows):
+        assert image.shape == (3, 96, 96) and window.shape == (3, 32, 32) and window_tokens.shape[:2] == (2, 2)
+        r, c = next((r, c) for r in range(5) for c in range(5)
+                    if torch.equal(image[:, 16 * r:16 * r + 32, 16 * c:16 * c + 32], window))
+        assert torch.equal(tokens[r:r + 2, c:c + 2], window_tokens)
+        corners.add((r, c))
+    assert len(corners) > 1  # random windows, not one corner
+
+
 def closed_form_lift(source, lift_basis, lift_scale, x, sigma, cap, mask, latent_patch, p):
     """The source's own prediction on the projected input, lifted back: written out from the construction."""
     B, _, H, W = x.shape
@@ -160,6 +182,8 @@ def test_lifted_zimage_at_step_0_is_the_source_in_closed_form(zimage_repo, tmp_p
     convert.main(["--src", str(run), "--out", str(tmp_path / "merged.safetensors"), "--dtype", "bf16"])
     merged = model.load_model(tmp_path / "merged.safetensors", dtype=torch.float32)
     assert merged.cfg == net.cfg and merged.lift.basis.dtype == torch.float32
+    recorded = {k: v for k, v in model.safetensors_metadata(out).items() if k != "dtype"}  # the init's record too
+    assert recorded.items() < model.safetensors_metadata(tmp_path / "merged.safetensors").items()
     assert torch.equal(merged.lift.basis, net.lift.basis)
     # guards the test: a head that is not zero moves v away from the source's (while sigma > 0, by the part of its
     # output outside the basis's span: a constant colour would be mostly inside)
@@ -250,13 +274,14 @@ def test_head_steps_teach_the_head_to_decode_the_lifted_latents(zimage_repo, tmp
         assert rel(net(x, sigma, cap, mask), reference) > 1e-4
 
 
-def test_a_lifted_models_last_call_returns_its_x0_unrounded_in_bf16():
-    """The sampler's call at sigma = 0 returns the x0 the model predicts, not x0 plus the bf16 rounding of the state
-    it read (the model's v is formed from that rounded state)."""
+@pytest.mark.parametrize("lift_dim", [1, 0], ids=["lift", "x0"])
+def test_an_x0_models_sample_is_its_x0_unrounded_in_bf16(lift_dim):
+    """The sampler's last step (a lift: its call at sigma = 0) returns the x0 the model predicts, not x0 plus the
+    bf16 rounding of the state it read (the model's v is formed from that rounded state)."""
     target = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
-    class PredictsTarget(torch.nn.Module):  # x0 = target at every sigma, v = (x - x0) / max(sigma, min), as a lift
-        cfg = model.ZImageConfig(lift_dim=1)
+    class PredictsTarget(torch.nn.Module):  # x0 = target at every sigma, v = (x - x0) / max(sigma, min)
+        cfg = model.ZImageConfig(lift_dim=lift_dim, x_prediction=True)
 
         def __init__(self):
             super().__init__()

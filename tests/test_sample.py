@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -110,12 +111,19 @@ def test_a_lift_samples_with_its_sources_sampler(repo, tmp_path):
         args = train.parse_args(["--plan-only"])  # train.py's sample grids too
         train.recipe_defaults(args, cfg)
         assert (args.sample_steps, args.sample_guidance) == expected[:2]
-    # the transformer/ folder of a repo, or a file in it, finds the repo root; a file anywhere else gets the
-    # released defaults
+    # the transformer/ folder of a repo, or a file in it (also one linked into a Hugging Face cache's blobs/), finds
+    # the repo root; a file anywhere else gets the released defaults
     alone = tmp_path / "alone" / "z_image.safetensors"
     alone.parent.mkdir()
     shutil.copy(next((base / "transformer").glob("*.safetensors")), alone)
-    for source, expected in ((base / "transformer", (50, 5.0, 6.0)), (alone, ())):
+    snapshot, blobs = tmp_path / "hub" / "snapshots" / "0123", tmp_path / "hub" / "blobs"
+    for i, file in enumerate(sorted(f for f in base.rglob("*") if f.is_file())):
+        blobs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, blobs / str(i))
+        (snapshot / file.relative_to(base)).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / file.relative_to(base)).symlink_to(blobs / str(i))
+    linked = next((snapshot / "transformer").glob("*.safetensors"))
+    for source, expected in ((base / "transformer", (50, 5.0, 6.0)), (linked, (50, 5.0, 6.0)), (alone, ())):
         out = tmp_path / f"{source.name}.safetensors"
         convert.main(["--src", str(source), "--vae", str(repo), "--out", str(out), "--head-width", "16",
                       "--head-steps", "0", "--align-data", str(images)])
@@ -155,3 +163,21 @@ def test_clear_errors(ckpt, repo, tmp_path, capsys):
         run(ckpt, repo, tmp_path, "--prompts", str(tmp_path / "empty.txt"))
     sample.resolve_settings(sample.parse_args(["--res", "4096"]), model.l2p_config(model.ZImageConfig(), 16))
     assert "65,536 tokens" in capsys.readouterr().out
+
+
+def test_train_py_sample_grids_use_sample_py_defaults():
+    """train.py's sample grids sample as sample.py does by default: the released sampler by patch and family, a
+    lift's source's, with the shift for those steps (FLUX.2's exp(mu) depends on them)."""
+    zimage, klein = model.ZImageConfig(), model.Flux2Config()
+    models = {"zimage 1k": model.l2p_config(zimage), "zimage 4k": model.l2p_config(zimage, 64),
+              "klein": model.l2p_config(klein),
+              "klein lift, distilled": replace(model.l2p_config(klein, recipe="lift"), source_sampler=(4, 1.0, 0))}
+    expected = {"zimage 1k": (30, 2.0, 3.0), "zimage 4k": (50, 4.0, 3.0), "klein": (50, 4.0), "klein lift, distilled":
+                (4, 1.0)}
+    for name, cfg in models.items():
+        args = train.parse_args(["--plan-only", "--res", str(64 * cfg.patch_size)])
+        train.recipe_defaults(args, cfg)
+        grid = args.sample_steps, args.sample_guidance, args.sample_shift
+        assert grid == sample.resolve_settings(sample.parse_args([]), cfg)[2:], name
+        assert grid[:len(expected[name])] == expected[name], name
+    assert args.sample_shift == math.exp(model.compute_empirical_mu(64 * 64, 4))  # the distilled lift's, 4 steps
