@@ -59,7 +59,7 @@ def parse_args(argv=None):
                                              "at --patch 32 / 64, images of that size (2K / 4K), which the fit "
                                              "area-downsamples to the 1K token grid")
     parser.add_argument("--align-images", type=int, default=1000, help="how many of them the fit reads")
-    parser.add_argument("--vae", help="the source's VAE (default: --src's vae/); any layout model.load_vae reads")
+    parser.add_argument("--vae", help="the source's VAE (default: the vae/ of --src's repo); any layout load_vae reads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the fit runs the VAE encoder (bf16 on CUDA, fp32 on the CPU); the conversion "
                              "itself streams on the CPU")
@@ -247,10 +247,10 @@ def aligned_tensors(args, source: model.DiTCheckpoint, cfg) -> tuple[dict[str, t
     if not args.align_data:
         raise SystemExit(f"--recipe {args.recipe} fits the pixel patches to the source's latent tokens: pass "
                          "--align-data <a synth.py output or a folder of images the source made> (or --recipe paper)")
-    vae = args.vae or args.src
-    if not (args.vae or Path(args.src).is_dir()):
-        raise SystemExit(f"--src {args.src} is a single file: pass the source's VAE with --vae (its repo's vae/ or "
-                         "ae.safetensors)")
+    vae = args.vae or repo_root(args.src, "vae")
+    if vae is None:
+        raise SystemExit(f"--src {args.src} has no vae/ folder at or above it: pass the source's VAE with --vae (its "
+                         "repo's vae/ or ae.safetensors)")
     latent = "x_embedder." if cfg.family == "flux2" else f"all_x_embedder.{model.ZIMAGE_LATENT_PATCH}-1."
     embedder = {k.removeprefix(latent): t.float() for k, t in source.tensors() if k.startswith(latent)}
     basis, scale, stats, kept = fit_to_source(args, vae, cfg.family, embedder["weight"].shape[1])
@@ -260,16 +260,22 @@ def aligned_tensors(args, source: model.DiTCheckpoint, cfg) -> tuple[dict[str, t
     return aligned, stats, kept
 
 
+def repo_root(src, marker: str) -> Path | None:
+    """The repo root holding `marker` (a file or folder) at or above --src: a repo root, its transformer/ folder or
+    a file in that folder."""
+    path = Path(os.path.abspath(src))  # not resolve(): a Hugging Face cache links each file into blobs/
+    return next((root for root in (path, *path.parents[:2]) if (root / marker).exists()), None)
+
+
 def source_sampler(src, family: str) -> list | None:
     """[steps, guidance, static shift (0: FLUX.2's exp(mu))] of the source's own sampler, from the repo root at or
     above --src (Z-Image: scheduler/, FLUX.2: model_index.json): a lift samples with the source's DiT, so this is
     what sample.py defaults to for it. None, said in a line, where no repo root is found."""
-    path = Path(os.path.abspath(src))  # not resolve(): a Hugging Face cache links each file into blobs/
-    for root in (path, *path.parents[:2]):  # a repo root, its transformer/ folder, or a file in that folder
-        if (root / ("model_index.json" if family == "flux2" else "scheduler/scheduler_config.json")).is_file():
-            settings = (model.flux2_sampler_settings(root, 1024, 1024) if family == "flux2" else
-                        model.source_sampler_settings(root))
-            return [settings["steps"], settings["guidance"], settings["shift"] if family == "zimage" else 0]
+    root = repo_root(src, "model_index.json" if family == "flux2" else "scheduler/scheduler_config.json")
+    if root is not None:
+        settings = (model.flux2_sampler_settings(root, 1024, 1024) if family == "flux2" else
+                    model.source_sampler_settings(root))
+        return [settings["steps"], settings["guidance"], settings["shift"] if family == "zimage" else 0]
     print(f"sampler --src {src} has no repo root around it: sample.py will use the released defaults for this lift "
           "(pass the source's --steps / --cfg, e.g. Turbo's 8 and 1)")
     return None

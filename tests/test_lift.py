@@ -5,6 +5,7 @@ and the paper's recipe unchanged."""
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -331,10 +332,13 @@ def test_recipes_need_their_inputs(zimage_repo, tmp_path):
     with pytest.raises(SystemExit, match="fits nothing"):
         convert.main(["--src", str(zimage_repo), "--out", str(tmp_path / "b.safetensors"), "--recipe", "x0",
                       "--align-data", str(tmp_path)])
-    single = next((zimage_repo / "transformer").glob("*.safetensors"))
-    with pytest.raises(SystemExit, match="--vae"):
-        convert.main(["--src", str(single), "--out", str(tmp_path / "c.safetensors"), "--align-data",
-                      str(align_images(tmp_path / "i"))])
+    single = next((zimage_repo / "transformer").glob("*.safetensors"))  # in a repo: its vae/ is found
+    convert.main(["--src", str(single), "--out", str(tmp_path / "c.safetensors"), "--align-data",
+                  str(align_images(tmp_path / "i")), "--head-steps", "0"])
+    (tmp_path / "alone").mkdir()
+    with pytest.raises(SystemExit, match="no vae/ folder at or above it: pass the source's VAE with --vae"):
+        convert.main(["--src", str(shutil.copy(single, tmp_path / "alone")), "--out", str(tmp_path / "c.safetensors"),
+                      "--align-data", str(tmp_path / "i")])
     make_flux2_vae().save_pretrained(tmp_path / "klein-vae")  # the other family's VAE: refused before any fit
     with pytest.raises(model.CheckpointError, match="AutoencoderKLFlux2"):
         convert.main(["--src", str(zimage_repo), "--out", str(tmp_path / "d.safetensors"), "--align-data",
