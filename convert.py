@@ -140,10 +140,10 @@ def fit_to_source(args, vae_path, family: str, latent_dim: int) -> tuple[torch.T
     to the source's 1K token grid (model.fit_lift at the source's token size t, then model.extend_lift by p / t),
     how well it fits, and (with --head-steps) each image with its latent tokens on the p-patch grid (a random
     window of HEAD_WINDOW_PIXELS at 2K / 4K)."""
-    device = torch.device(args.device)
+    device = model.parse_device(args.device)
     vae = model.load_vae(vae_path, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                          family=family)
-    model.check_lift_vae(vae, latent_dim, f"--vae {vae_path}")
+    model.check_vae_fits(vae, latent_dim, f"--vae {vae_path}")
     token = model.latent_token_pixels(vae)
     if args.patch % token:
         raise SystemExit(f"--patch {args.patch}: the lift needs a multiple of the source's latent token, {token} x "
@@ -188,7 +188,7 @@ def teach_head_to_decode(created: dict[str, torch.Tensor], cfg, kept: list, args
     zero (its input path to the bottleneck starts at zero, so the DiT's tokens join through training); loss
     ||L + head - x0||^2, sigma shifted by HEAD_SHIFT. Starts from and returns the head's tensors in `created` (the
     lift's too), with the last 100 steps' mean loss."""
-    device, p = torch.device(args.device), args.patch
+    device, p = model.parse_device(args.device), args.patch
     head = model.DetailerHead(model.head_channels(cfg), cfg.dim, p, cfg.head_width, cfg.in_channels)
     head.load_state_dict({k.removeprefix("local_decoder."): v for k, v in created.items()
                           if k.startswith("local_decoder.")})
@@ -305,6 +305,8 @@ def main(argv=None):
     if out.suffix != ".safetensors":
         raise SystemExit(f"--out {out}: write a .safetensors file")
     source = model.open_checkpoint(args.src, args.init)
+    if out.resolve() in {Path(f).resolve() for f in [*source.files, *([source.trained] if source.trained else [])]}:
+        raise SystemExit(f"--out {out} is a file this conversion reads: write to another path")
     cast = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if source.trained is not None:
         return merge(source, out, cast, args)

@@ -822,13 +822,13 @@ def latent_token_pixels(vae: "FluxVAE | Flux2VAE") -> int:
     return vae.downscale * latent_token_patch(vae)
 
 
-def check_lift_vae(vae: "FluxVAE | Flux2VAE", latent_dim: int, flag: str) -> None:
+def check_vae_fits(vae: "FluxVAE | Flux2VAE", latent_dim: int, flag: str) -> None:
     """A VAE whose latent token is not what the source DiT reads (another family, another latent size) is refused:
-    the lift is fitted through, and trained against, the source's own VAE."""
+    the source samples through its own VAE, and a lift is fitted through and trained against it."""
     per_position = ZIMAGE_LATENT_PATCH ** 2 if isinstance(vae, FluxVAE) else vae.cfg.patch_size[0] ** 2
     if vae.cfg.latent_channels * per_position != latent_dim:
         raise CheckpointError(f"{flag}: its latent tokens hold {vae.cfg.latent_channels * per_position} values, the "
-                              f"source DiT reads {latent_dim}: pass the VAE of the source the model was converted from")
+                              f"source DiT reads {latent_dim}: pass the source's own VAE")
 
 
 def latent_tokens(vae: "FluxVAE | Flux2VAE", images: torch.Tensor) -> torch.Tensor:
@@ -1316,7 +1316,7 @@ def pipeline_family(path) -> str:
     for folder in (path, path.parent):
         index = folder / "model_index.json"
         if folder.is_dir() and index.exists():
-            return "flux2" if json.loads(index.read_text()).get("_class_name") == "Flux2KleinPipeline" else "zimage"
+            return "flux2" if read_json(index).get("_class_name") == "Flux2KleinPipeline" else "zimage"
     return "zimage"
 
 
@@ -1337,7 +1337,11 @@ def load_text_encoder(path, device="cpu", dtype=torch.bfloat16, tokenizer=None, 
     config, files, tok_folder = text_encoder_files(path, tokenizer)
     n_layers = max(layers) if family == "flux2" else None
     model = qwen3_from_tensors(config, read_tensors(files), device=device, dtype=dtype, n_layers=n_layers)
-    return TextEncoder(AutoTokenizer.from_pretrained(tok_folder, local_files_only=True), model, family, layers)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_folder, local_files_only=True)
+    except Exception as e:  # transformers and tokenizers raise many kinds for a damaged or missing tokenizer
+        raise CheckpointError(f"tokenizer {tok_folder}: cannot be read ({type(e).__name__}: {e})") from None
+    return TextEncoder(tokenizer, model, family, layers)
 
 
 def text_encoder_files(path, tokenizer=None) -> tuple["Qwen3Config", list[Path], Path]:
@@ -1355,7 +1359,7 @@ def text_encoder_files(path, tokenizer=None) -> tuple["Qwen3Config", list[Path],
             raise CheckpointError(f"{path} holds neither text_encoder/ nor config.json (found "
                                   f"{sorted(p.name for p in path.iterdir())[:8]}); pass the repo root, "
                                   "its text_encoder/ folder or a qwen_3_4b.safetensors file")
-        raw = json.loads((path / "config.json").read_text())
+        raw = read_json(path / "config.json")
         if raw.get("model_type") != "qwen3":
             kind = raw.get("_class_name") or raw.get("model_type") or "unknown"
             raise CheckpointError(f"{path} is not a Qwen3 text encoder: found {kind} config with keys "
@@ -1392,11 +1396,19 @@ class CheckpointError(ValueError):
     """A checkpoint that is not what the caller asked for: says what was seen and what to do."""
 
 
+def read_json(path: Path) -> dict:
+    """A published JSON file (config, index, scheduler); a damaged one is a CheckpointError that names it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): download or repair it") from None
+
+
 def safetensors_files(folder: Path) -> list[Path]:
     """The shards of a component folder: those named by a *.safetensors.index.json, else every *.safetensors."""
     folder = Path(folder)
     index = min(folder.glob("*.safetensors.index.json"), default=None)
-    files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()} if index else
+    files = sorted({folder / name for name in read_json(index)["weight_map"].values()} if index else
                    folder.glob("*.safetensors"))
     missing = [f.name for f in files if not f.exists()]
     if missing or not files:
@@ -1435,7 +1447,7 @@ def assign_weights(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]
 
 def config_from_json(cls, path: Path, **overrides):
     """Build a config dataclass from a published config.json, ignoring keys the dataclass does not model."""
-    raw = json.loads(Path(path).read_text())
+    raw = read_json(Path(path))
     names = {f.name for f in fields(cls)}
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names} | overrides)
 
@@ -1647,7 +1659,7 @@ def open_checkpoint(path, init: Path | None = None, family: str | None = None) -
             raise CheckpointError(f"{path} is neither a {DIT_FORMATS[family or 'zimage'].name} repo root (with "
                                   "transformer/) nor a component folder (config.json + safetensors); pass one of "
                                   "those or a single .safetensors file")
-        raw = json.loads((folder / "config.json").read_text())
+        raw = read_json(folder / "config.json")
         fmt = DIT_FORMATS[family or next((f for f, d in DIT_FORMATS.items() if d.class_name == raw.get("_class_name")),
                                          "zimage")]
         if raw.get("_class_name", fmt.class_name) != fmt.class_name:
@@ -1754,7 +1766,7 @@ def load_vae(path, device="cpu", dtype=torch.float32, config=None, family: str |
     if not (path.is_dir() or path.suffix == ".safetensors" and path.is_file()):
         raise CheckpointError(f"{path}: expected a repo root, a vae folder or an existing .safetensors file")
     config_file = path / "config.json"
-    raw = json.loads(config_file.read_text()) if config_file.exists() else None
+    raw = read_json(config_file) if config_file.exists() else None
     files = safetensors_files(path) if path.is_dir() else [path]
     shapes = safetensors_shapes(files)
     family = family or ("flux2" if (raw.get("_class_name") == "AutoencoderKLFlux2" if raw else
@@ -1887,6 +1899,9 @@ def generate(model: "ZImageDiT | Flux2DiT", cap: torch.Tensor, cap_mask: torch.T
     x = sample(model, noise, cap.to(device), cap_mask.to(device), steps, shift, guidance,
                None if neg_cap is None else neg_cap.to(device), None if neg_mask is None else neg_mask.to(device),
                cfg_batch=cfg_batch, progress=progress)
+    if not torch.isfinite(x).all():
+        raise CheckpointError("sampling gave non-finite values (NaN or inf): a checkpoint with non-finite weights, or "
+                              f"a guidance ({guidance}) or shift ({shift}) far too large")
     if vae is None:
         return x
     vae_dtype = next(vae.parameters()).dtype
@@ -1918,7 +1933,7 @@ def flux2_sampler_settings(repo, height: int, width: int, steps: int | None = No
         index = Path(repo) / "model_index.json"
         if not index.exists():
             raise CheckpointError(f"{repo} has no model_index.json: pass the FLUX.2 [klein] repo root, or distilled=")
-        distilled = bool(json.loads(index.read_text()).get("is_distilled", False))
+        distilled = bool(read_json(index).get("is_distilled", False))
     steps = steps or (4 if distilled else 50)
     vae_config = Path(repo) / "vae" / "config.json"
     d = config_from_json(Flux2VAEConfig, vae_config).downscale if vae_config.exists() else Flux2VAEConfig().downscale
@@ -1935,7 +1950,7 @@ def source_sampler_settings(repo, height: int = 1024, width: int = 1024, steps: 
     config = Path(repo) / "scheduler" / "scheduler_config.json"
     if not config.exists():
         raise CheckpointError(f"{repo} has no scheduler/scheduler_config.json: pass the Z-Image repo root")
-    shift = float(json.loads(config.read_text()).get("shift", 3.0))
+    shift = float(read_json(config).get("shift", 3.0))
     turbo = shift <= 3.0
     return {"steps": steps or (8 if turbo else 50), "shift": shift, "guidance": 1.0 if turbo else 5.0}
 
@@ -2181,6 +2196,13 @@ def records_from_metadata(folder: Path) -> list[Record]:
     return records
 
 
+def iter_members(tar: tarfile.TarFile, shard: Path) -> Iterator[tarfile.TarInfo]:
+    try:
+        yield from tar
+    except tarfile.ReadError as e:
+        raise SystemExit(f"{shard}: the tar ends early or is damaged ({e}); repair or remove the shard") from None
+
+
 def records_from_shards(shards: list[Path]) -> list[Record]:
     """Webdataset tar shards: members sharing a key (path up to the first dot of the file name) form a sample, an
     image and a caption (.txt, or .json with prompt/caption/text). Images are read in place later, by offset."""
@@ -2192,14 +2214,17 @@ def records_from_shards(shards: list[Path]) -> list[Record]:
             raise SystemExit(f"{shard}: not an uncompressed tar ({e}); webdataset shards are plain .tar") from None
         samples: dict[str, dict] = {}
         with tar:
-            for member in (m for m in tar if m.isfile()):
+            for member in (m for m in iter_members(tar, shard) if m.isfile()):
                 key, _, ext = member.name.rpartition("/")[2].partition(".")
                 sample = samples.setdefault(member.name.rpartition("/")[0] + "/" + key, {})
                 if ext.lower() in ("jpg", "jpeg", "png", "webp"):
                     sample["image"] = member
                 elif ext.lower() in ("txt", "json"):
-                    text = tar.extractfile(member).read().decode("utf-8")
-                    meta = json.loads(text) if ext.lower() == "json" else {"caption": text.strip()}
+                    try:
+                        text = tar.extractfile(member).read().decode("utf-8")
+                        meta = json.loads(text) if ext.lower() == "json" else {"caption": text.strip()}
+                    except (ValueError, tarfile.ReadError) as e:  # JSON and UTF-8 errors are ValueErrors
+                        raise SystemExit(f"{shard}: cannot read {member.name} ({e}); repair or remove it") from None
                     sample["caption"] = next((str(meta[f]) for f in CAPTION_FIELDS if meta.get(f)), None)
         for sample in samples.values():
             if sample.get("image") is None or not sample.get("caption"):
@@ -2317,17 +2342,23 @@ def read_prompt_file(spec: str) -> list[str]:
     return prompts
 
 
+def parse_device(name: str | None) -> torch.device:
+    """--device: the GPU where one is visible, else the CPU; one line for a name torch does not know or no GPU."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise SystemExit(f"--device {name}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA GPU is visible here; pass --device cpu")
+    return device
+
+
 def init_distributed(device: str | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE > 1) the process group is started:
     NCCL on GPUs, gloo on CPUs; a bare --device cuda means this process's GPU, cuda:LOCAL_RANK."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise SystemExit(f"--device {device}: {e}") from None
+    device = parse_device(device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device {device}: no CUDA GPU is visible here; pass --device cpu")
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)

@@ -68,8 +68,8 @@ def parse_args(argv=None):
                              "w = 4 with c = 1 + w; klein 1, klein-base 4)")
     args = parser.parse_args(argv)
     model.check_finite(parser, args)
-    if args.seed < 0:
-        parser.error(f"--seed must be at least 0, got {args.seed}")
+    if not 0 <= args.seed < 2 ** 62:  # image k uses seed + k; torch's generator takes a signed 64-bit seed
+        parser.error(f"--seed must be at least 0 and below 2^62, got {args.seed}")
     for name in ("res", "width", "height", "steps", "num_images", "batch_size", "latent_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -155,6 +155,7 @@ def main(argv=None):
     if text_encoder is None:
         raise SystemExit("sample.py needs the Qwen3 text encoder: pass --text-encoder <the source repo or its "
                          "text_encoder/ folder>")
+    args.device = str(model.parse_device(args.device))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if "cuda" in args.device else "fp32")]
 
     dit_cfg, family = None, None  # without --ckpt the text recipe is the --latent repo's
@@ -163,6 +164,9 @@ def main(argv=None):
         if not checkpoint.cfg.pixel_head:
             raise SystemExit(f"--ckpt {args.ckpt} is a latent transformer ({checkpoint.layout}), not an L2P pixel "
                              "model: make one with convert.py, or sample the source with --latent <repo>")
+        if args.init and checkpoint.trained is None:
+            raise SystemExit(f"--init completes a train.py checkpoint, but --ckpt {args.ckpt} is whole "
+                             f"({checkpoint.layout}): drop --init")
         dit_cfg, family = checkpoint.cfg, checkpoint.cfg.family
     if family and args.latent and model.pipeline_family(args.latent) != family:
         raise SystemExit(f"--ckpt is an L2P model of {family}, --latent a {model.pipeline_family(args.latent)} repo: "
@@ -194,6 +198,7 @@ def main(argv=None):
         latent_guidance = args.latent_cfg if args.latent_cfg is not None else source["guidance"]
         dit = model.load_model(args.latent, device=args.device, dtype=dtype)
         vae = model.load_vae(args.latent, device=args.device)
+        model.check_vae_fits(vae, dit.cfg.in_channels * dit.cfg.patch_size ** 2, f"--latent {args.latent}: its vae/")
         results["latent"] = run(dit, features, negative, jobs, (height, width), latent_steps, latent_guidance,
                                 source["shift"], args, vae=vae, name="latent source")
         del dit, vae

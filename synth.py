@@ -187,7 +187,8 @@ def check_source(src: Path) -> int:
     try:
         cfg = model.open_checkpoint(src).cfg
         model.safetensors_shapes(model.safetensors_files(src / "vae"))
-    except (model.CheckpointError, OSError, json.JSONDecodeError) as e:
+        model.check_text_encoder(src, cfg)
+    except (model.CheckpointError, OSError) as e:
         raise SystemExit(f"--src {src}: {e}") from None
     if cfg.pixel_head:
         raise SystemExit(f"--src {src} is an L2P pixel model; synth.py generates with the latent source model")
@@ -196,7 +197,7 @@ def check_source(src: Path) -> int:
 
 def resolve_settings(args, device: torch.device) -> tuple[dict, list[str], int]:
     """(corpus settings, prompts, caption feature width) from the arguments; SystemExit on anything invalid."""
-    width, height = args.width or args.res, args.height or args.res
+    width, height = (args.res if size is None else size for size in (args.width, args.height))
     if width <= 0 or height <= 0 or width % 16 or height % 16:
         raise SystemExit(f"image size {width}x{height}: width and height must be positive multiples of 16 (the "
                          "8x VAE times the 2x2 latent patch); e.g. --res 1024, or --width 1216 --height 832")
@@ -205,6 +206,8 @@ def resolve_settings(args, device: torch.device) -> tuple[dict, list[str], int]:
                                ("--cfg", args.cfg, 1)):
         if value is not None and value < least:
             raise SystemExit(f"{flag} {value}: must be at least {least}")
+    if args.seed >= 2 ** 62:  # image seeds are seed + offsets; torch's generator takes a signed 64-bit seed
+        raise SystemExit(f"--seed {args.seed}: must be below 2^62")
     if args.shift is not None and args.shift <= 0:
         raise SystemExit(f"--shift {args.shift}: must be positive (Z-Image-Turbo uses 3, Z-Image 6)")
     src = Path(args.src).resolve()
@@ -338,6 +341,7 @@ def make_images(out: Path, src: Path, prompts: list[str], pending: list, feature
         return 0
     dit = model.load_model(src, device=device, dtype=dtype)
     vae = model.load_vae(src, device=device, dtype=torch.float32)
+    model.check_vae_fits(vae, dit.cfg.in_channels * dit.cfg.patch_size ** 2, f"--src {src}: its vae/")
     neg = features.get(NEGATIVE_PROMPT) if settings["guidance"] != 1 else None
     written, saving = 0, deque()
     with ThreadPoolExecutor(2) as writer, tqdm(total=len(pending), desc=f"generating (rank 0 of {world})",

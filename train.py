@@ -14,11 +14,9 @@ replaced by the lift of its VAE latent, noised; noising x0 erodes it); the other
 
 The network computes in --dtype (bf16 on CUDA, fp32 on the CPU); AdamW updates fp32 masters of the trained tensors
 (model.set_trainable's policy), micro-batches accumulating in fp32 (MasterWeights; torch's default would in bf16),
-under torchrun through DistributedDataParallel's bf16 buckets. Memory modes (--plan-only):
-  standard    masters and AdamW on the GPU; under torchrun ZeroRedundancyOptimizer shards AdamW's state (--zero)
-  low memory  masters and AdamW on the CPU (fused CPU AdamW, a chunk of tensors at a time), gradients on the GPU in
-              the weights' dtype (fp32 gradients would double the host's share): the real model fits a 24 GB card. The
-              default on cards under 40 GB or where standard does not fit.
+under torchrun through DistributedDataParallel's bf16 buckets. Memory modes (--plan-only): standard (masters and AdamW
+on the GPU; --zero shards AdamW's state over the processes) and low memory (masters and fused AdamW on the CPU, a chunk
+at a time, gradients on the GPU in the weights' dtype: the real model fits a 24 GB card; the default under 40 GB).
 
 Writes in --out: trained.safetensors (the trained tensors, read over their init by sample.py; `convert.py --src`
 merges it), trained_ema.safetensors (--ema), train_state.pt (+ .rank<r>.pt under ZeRO), log.jsonl, samples/, features/.
@@ -70,19 +68,14 @@ def parse_args(argv=None):
     add("--train-blocks", type=int, default=5, help="n: the first and last n main layers train (the paper: 5)")
     add("--strict-freeze", action="store_true", help="only the patch embedder, first/last n layers and head train "
                                                      "(the paper's wording; default: the released code's policy)")
-    add("--trainable", choices=["shallow", "head"], help="shallow: the freeze policy above (the paper); head: only "
-        "the Detailer Head trains, the whole DiT stays the source's (default: head for a lifted init, whose "
-        "converted DiT already samples the source's scenes, else shallow)")
-    add("--loss", choices=["v", "x0"], help="v: plain MSE on v (the paper); x0: MSE on the predicted x0 = x_sigma - "
-        "max(sigma, 0.05) v (on noised images: the v error weighted by max(sigma, 0.05)^2), so that high sigma, where "
-        "the layout is decided, counts as much as low sigma (default: x0 for an x-prediction init, else v)")
-    add("--vae", help="the source's VAE (repo root, vae/ folder or file). A lifted init then trains on the states its "
-                      "sampler feeds: each image with its part inside the lift's subspace replaced by the lifted "
-                      "latent of its encoding, noised (model.PixelLift.source_image); required for a lifted init "
-                      "unless --states image")
-    add("--states", choices=["source", "image"], help="source: the sampler's states above (needs --vae, --loss x0); "
-        "image: the images noised, x_sigma = (1 - sigma) x0 + sigma eps (the paper). Default: source for a lifted "
-        "init, else image")
+    add("--trainable", choices=["shallow", "head"], help="shallow: the freeze policy above (the paper); head: the "
+        "Detailer Head alone, the DiT stays the source's (default: head for a lifted init, else shallow)")
+    add("--loss", choices=["v", "x0"], help="v: MSE on v (the paper); x0: MSE on x0 = x_sigma - max(sigma, 0.05) v, "
+        "so that high sigma, where the layout is decided, counts as much as low (default: x0 for an x0 init, else v)")
+    add("--vae", help="the source's VAE (repo root, vae/ folder or file), for --states source: each image's part in "
+                      "the lift's subspace replaced by the lift of its VAE latent (model.PixelLift.source_image)")
+    add("--states", choices=["source", "image"], help="source: the lifted init's sampler states (needs --vae, --loss "
+        "x0; its default); image: the images noised, x_sigma = (1 - sigma) x0 + sigma eps (the paper)")
     add("--res", type=int, default=1024, help="resolution: shorter side resized, centre crop; a multiple of the patch")
     # precision and memory
     add("--dtype", choices=["bf16", "fp32"], help="weights the network computes with (default: bf16 on CUDA, fp32 "
@@ -106,8 +99,7 @@ def parse_args(argv=None):
     add("--sample-count", type=int, default=4, help="samples per grid: the first prompts of the data")
     add("--sample-steps", type=int, help="Euler steps per sample (default sample.py's: a lift's source's, else 30)")
     add("--sample-guidance", type=float, help="CFG c of the samples (default sample.py's: a lift's source's, else 2)")
-    add("--max-bad-steps", type=int, default=5, help="steps in a row with a non-finite loss or gradient (each "
-                                                     "skipped) before the run stops, saved")
+    add("--max-bad-steps", type=int, default=5, help="steps skipped in a row before the run stops, saved")
     args = parser.parse_args(argv)
     model.check_finite(parser, args)
     for name, least in dict(max_steps=1, batch_size=1, micro_batch=1, res=1, log_every=1, save_every=1, sample_count=1,
@@ -123,7 +115,7 @@ def parse_args(argv=None):
 
 
 RUN_DEFINING = ("seed", "batch_size", "res", "shift", "train_blocks", "strict_freeze", "trainable", "loss", "states",
-                "dtype")
+                "dtype", "lr", "warmup", "weight_decay", "grad_clip", "head_lr_fan_in")
 TRAIN_STEPS = 1000  # training sigmas: one of 1000 shifted steps, as the source was trained
 
 
@@ -156,7 +148,7 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
     vae = model.load_vae(args.vae, device, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
                          family=cfg.family).eval() if args.states == "source" else None
     if vae is not None:
-        model.check_lift_vae(vae, cfg.lift_dim, f"--vae {args.vae}")
+        model.check_vae_fits(vae, cfg.lift_dim, f"--vae {args.vae}")
     args.vae_weights = model.weights_sha256(vae) if vae is not None else None  # part of the run's identity
     out.mkdir(parents=True, exist_ok=True)
     records = model.find_records(Path(args.data))
@@ -165,6 +157,8 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
     n_micro = args.batch_size // world // micro
     state, shards = load_train_state(out, args, records) if args.resume else (None, [])
     start, log = state["step"] if state else 0, Log(out, rank, state and state["step"])
+    if start > args.max_steps:
+        raise SystemExit(f"--resume: the run is at step {start}, past --max-steps {args.max_steps}; raise --max-steps")
     net, masters, layout = load_for_training(out / "trained.safetensors" if state else Path(args.init), args, device,
                                              torch.device("cpu") if low_memory else device)
     weights = MasterWeights(net, masters, args, hook=world == 1 and not low_memory, zero=zero)
@@ -240,8 +234,8 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
             if bad_in_a_row >= args.max_bad_steps:
                 save_checkpoint(out, weights, step, counters, args, records, rank, world)
                 raise SystemExit(f"stopped at step {step}: {bad_in_a_row} steps in a row had a {reason} and were "
-                                 f"skipped. The last good weights are saved in {out} (--resume continues); lower "
-                                 "--lr or --grad-clip, or check the data")
+                                 f"skipped. The last good weights are saved in {out} (--resume continues); "
+                                 + ("check the data" if not valid else "lower --lr or --grad-clip, or check the data"))
         if window and (step % args.log_every == 0 or step in (start + 1, args.max_steps)):
             seconds, clock = time.perf_counter() - clock, time.perf_counter()
             row = {"step": step, "loss": sum(window) / len(window), "lr": lr_at(step, args), "grad_norm": grad_norm,
@@ -264,6 +258,8 @@ def train(args, out: Path, rank: int, world: int, device: torch.device):
         f"done at step {args.max_steps}: {counters['bad_steps']} skipped steps, {counters['skipped_images']} image "
         f"reads skipped ({len(names)} unreadable files{': ' + ', '.join(names) if names else ''}); weights in "
         f"{out / 'trained.safetensors'}")
+    if counters["bad_steps"] == args.max_steps:
+        raise SystemExit(f"no step trained: all {args.max_steps} were skipped; check --data (see the lines above)")
 
 
 def lr_at(step: int, args) -> float:
@@ -328,8 +324,7 @@ def prepare_features(records: list[model.Record], args, cfg: model.ZImageConfig,
     missing = [r for r in records if not Path(r.features).exists()]
     if missing:
         raise SystemExit(f"{len(missing)} of {len(records)} samples have no cached text features (first caption: "
-                         f"{missing[0].caption[:60]!r}); pass --text-encoder <Z-Image repo or text_encoder/> to "
-                         "encode them")
+                         f"{missing[0].caption[:60]!r}); pass --text-encoder <the source repo> to encode them")
     shapes = {path: model.safetensors_shapes([Path(path)]).get("cap") for path in sorted({r.features for r in records})}
     for path, shape in shapes.items():
         if shape is None or len(shape) != 2 or shape[0] < 1 or shape[1] != cfg.cap_feat_dim:
@@ -592,7 +587,13 @@ def load_train_state(out: Path, args, records) -> tuple[dict, list[dict]]:
     path = out / "train_state.pt"
     if not path.exists():
         raise SystemExit(f"--resume: {path} does not exist; start without --resume (or pass the run's --out)")
-    state = torch.load(path, weights_only=True, map_location="cpu")
+    try:  # a damaged file raises anything from the zip reader to the unpickler
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        shards = [state] + [torch.load(out / n, weights_only=True, map_location="cpu", mmap=True)
+                            for n in state["shards"]]
+    except Exception as e:
+        raise SystemExit(f"--resume: {path} (or a shard beside it) cannot be read ({type(e).__name__}: {e}); restore "
+                         "the run's files or start a new --out") from None
     now = run_settings(args, records)
     for key, value in state["settings"].items():
         if now[key] != value:
@@ -600,7 +601,6 @@ def load_train_state(out: Path, args, records) -> tuple[dict, list[dict]]:
                     "vae": "not the VAE the run started with"}
             raise SystemExit(f"--resume: --{key.replace('_', '-')} " + what.get(key, f"is {now[key]!r} but the run "
                              f"started with {value!r}") + "; resume with the run's settings, or start a new --out")
-    shards = [state] + [torch.load(out / n, weights_only=True, map_location="cpu", mmap=True) for n in state["shards"]]
     trained_step = model.safetensors_metadata(out / "trained.safetensors").get("step")
     if {int(trained_step)} | {s["step"] for s in shards} != {state["step"]}:
         raise SystemExit(f"--resume: the checkpoint files in {out} are from different steps (a run stopped while "

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import convert  # noqa: E402
 import model  # noqa: E402
 import shapeworld  # noqa: E402
 import toysource  # noqa: E402
@@ -356,6 +357,12 @@ def parse_args(argv=None):
                          f"that is not a recipe's ({', '.join(model.RECIPES)})")
     if args.name in model.RECIPES and args.name != args.recipe:
         raise SystemExit(f"--name {args.name} is the {args.name} recipe's: pass --recipe {args.name} or another --name")
+    try:  # the scripts' own checks of these flags, now rather than after minutes of earlier stages
+        convert.parse_args(["--src", "x", "--out", "x.safetensors", "--recipe", args.recipe,
+                            *shlex.split(args.convert_flags)])
+        train.parse_args(["--init", "x", "--data", "x", "--out", "x", *shlex.split(args.train_flags)])
+    except ValueError as e:
+        raise SystemExit(f"--convert-flags / --train-flags: {e}") from None
     return args
 
 
@@ -397,13 +404,16 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
     mode = "full" if args.full else "quick"
     plan = plan or (FULL if args.full else QUICK)
     out = Path(args.runs or ROOT / "bench" / "runs" / f"shapes-{mode}{'' if args.family == 'zimage' else '-flux2'}")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--runs {out} is a file: pass a folder")
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    plan_file, source_id = out / "plan.json", {"plan": asdict(plan), "source": manifest["files"]}
+    plan_file = out / "plan.json"
+    source_id = {"plan": asdict(plan), "source": manifest["files"], "seed": args.seed}
     if plan_file.exists() and json.loads(plan_file.read_text()) != source_id:
-        raise SystemExit(f"{out} holds stages of another plan or source ({plan_file}); pass --fresh to redo them, or "
-                         "another --runs folder")
+        raise SystemExit(f"{out} holds stages of another plan, source or --seed ({plan_file}); pass --fresh to redo "
+                         "them, or another --runs folder")
     write_json(plan_file, source_id)
     if args.steps is not None:
         if args.steps <= 0 or args.steps % plan.curve_every:

@@ -4,6 +4,7 @@ cannot feed the checkpoint, invalid or non-finite numbers, sizes that are not a 
 not exist, an empty prompt file."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,12 @@ def files(tmp_path_factory):
     (root / "prompts.txt").write_text("a cat\n")
     (root / "data").mkdir()
     (root / "data" / "metadata.jsonl").write_text('{"file_name": "a.png", "prompt": "a cat"}\n')
+    shutil.copy(next((repo / "transformer").glob("*.safetensors")), root / "victim.safetensors")  # --out = --src
+    shutil.copytree(repo, root / "damaged")  # a repo with a damaged config.json
+    (root / "damaged" / "transformer" / "config.json").write_text("{bad")
+    shutil.copytree(repo, root / "mixed")  # a Z-Image repo holding FLUX.2's VAE
+    shutil.rmtree(root / "mixed" / "vae")
+    shutil.copytree(klein / "vae", root / "mixed" / "vae")
     return root
 
 
@@ -72,6 +79,24 @@ CASES = [  # script, arguments ({} is the fixture folder), what the one line mus
     ("synth.py", "--src {}/repo --prompts {}/prompts.txt --out {}/s --shift inf", "--shift inf: must be finite"),
     ("synth.py", "--src {}/repo --prompts {}/prompts.txt --out {}/s --cfg 0.5", "--cfg 0.5: must be at least 1"),
     ("convert.py", "--src {}/repo --out {}/o.safetensors --head-lr nan", "--head-lr nan: must be finite"),
+    ("convert.py", "--src {}/damaged --out {}/o.safetensors", "config.json is not valid JSON"),
+    ("sample.py", "--latent {}/damaged --prompt x", "config.json is not valid JSON"),
+    ("synth.py", "--src {}/damaged --prompts {}/prompts.txt --out {}/s", "config.json is not valid JSON"),
+    ("sample.py", "--latent {}/mixed --prompt x --res 32 --latent-steps 1", "its latent tokens hold 16 values"),
+    ("synth.py", "--src {}/mixed --prompts {}/prompts.txt --out {}/s --res 32 --steps 1",
+     "its latent tokens hold 16 values"),
+    ("convert.py", "--src {}/victim.safetensors --out {}/victim.safetensors --recipe paper",
+     "is a file this conversion reads"),
+    ("convert.py", "--src {}/repo --out {}/o.safetensors --align-data {} --device bogus", "--device bogus:"),
+    ("sample.py", "--ckpt {}/init.safetensors --text-encoder {}/repo --prompt x --device bogus", "--device bogus:"),
+    ("sample.py", "--ckpt {}/init.safetensors --text-encoder {}/repo --prompt x --seed 99999999999999999999",
+     "below 2^62"),
+    ("synth.py", "--src {}/repo --prompts {}/prompts.txt --out {}/s --seed 99999999999999999999", "below 2^62"),
+    ("synth.py", "--src {}/repo --prompts {}/prompts.txt --out {}/s --res 64 --width 0", "image size 0x64"),
+    ("sample.py", "--ckpt {}/init.safetensors --init {}/init.safetensors --text-encoder {}/repo --prompt x --res 32 "
+     "--steps 1", "drop --init"),
+    ("sample.py", "--ckpt {}/init.safetensors --text-encoder {}/repo --prompt x --res 32 --steps 2 --cfg 1e300",
+     "sampling gave non-finite values"),
 ]
 
 

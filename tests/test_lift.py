@@ -75,9 +75,9 @@ def test_training_states_of_an_extended_lift_are_the_fitted_ones_upsampled(famil
     vae = model.load_vae(tmp_path, dtype=torch.float32)
     token = vae.downscale * model.latent_token_patch(vae)  # 16 (FLUX.1's x8, 2 x 2) or 4 (the tiny FLUX.2 VAE)
     d = 4 * vae.cfg.latent_channels  # 2 x 2 latent positions (Z-Image) or 2 x 2 packed into channels (FLUX.2)
-    model.check_lift_vae(vae, d, "--vae")
+    model.check_vae_fits(vae, d, "--vae")
     with pytest.raises(model.CheckpointError, match="its latent tokens hold"):
-        model.check_lift_vae(vae, 2 * d, "--vae")
+        model.check_vae_fits(vae, 2 * d, "--vae")
     basis, scale, _, _ = planted(d=d, P=token * token * 3, n=1)
     fitted, extended = model.PixelLift(d, token * token * 3), model.PixelLift(d, 4 * token * token * 3)
     fitted.basis.copy_(basis)

@@ -75,8 +75,23 @@ def test_every_stage_runs_from_the_shipped_source_and_the_l2p_loss_falls(tmp_pat
     assert [p["step"] for p in longer["curve"]] == [0, 12, 24, 36]
     assert longer["curve"][:3] == saved["curve"]  # the points already scored are kept, not redone
     assert longer["code"].items() >= saved["code"].items()  # resumed under the same commit: named once
+    with pytest.raises(SystemExit, match="another plan, source or --seed"):  # its stages were made with seed 0
+        shapes.main(["--runs", str(tmp_path), "--seed", "1"], plan=TINY)
     log = (tmp_path / "run_l2p-lift" / "log.jsonl").read_text().splitlines()
     assert max(json.loads(line).get("step") or 0 for line in log) == 36
+
+
+def test_flags_for_the_scripts_are_checked_before_any_stage(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--convert-flags / --train-flags: No closing quotation"):
+        shapes.parse_args(["--name", "x", "--train-flags", "--lr 'oops"])
+    for flags in (["--train-flags", "--lr nan"], ["--convert-flags", "--head-steps -1"]):
+        with pytest.raises(SystemExit) as stopped:
+            shapes.parse_args(["--name", "x", *flags])
+        assert stopped.value.code == 2  # the script's own parser refused it
+    assert "--lr nan: must be finite" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="is a file: pass a folder"):
+        shapes.main(["--runs", str(tmp_path / "file")])
 
 
 def test_an_altered_or_missing_source_is_refused(tmp_path):

@@ -313,6 +313,14 @@ def test_resume_continues_exactly(init, synth, tmp_path):
         assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], rtol=0, atol=1e-6) for k in x)
     state = torch.load(interrupted / "train_state.pt", weights_only=True)
     assert state["step"] == 6 and state["samples_seen"] == 24
+    # a resume must not change the trajectory, and one past --max-steps or from a damaged state says so
+    with pytest.raises(SystemExit, match=r"--lr is 0\.01 but the run started with 0\.001"):
+        run(init, synth, interrupted, "--max-steps", "9", "--resume", *common, "--lr", "1e-2")
+    with pytest.raises(SystemExit, match="the run is at step 6, past --max-steps 3; raise --max-steps"):
+        run(init, synth, interrupted, "--max-steps", "3", "--resume", *common)
+    (interrupted / "train_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="train_state.pt .or a shard beside it. cannot be read"):
+        run(init, synth, interrupted, "--max-steps", "9", "--resume", *common)
 
 
 def free_port() -> int:
@@ -436,6 +444,10 @@ def test_a_corrupt_image_is_skipped_counted_and_reported(init, tmp_path, capsys)
     summary = log_rows(out, "summary")[0]
     assert summary["unreadable"] == ["images/000002_s1.png"] and summary["skipped_images"] == 3  # once per epoch
     assert all(np.isfinite(list(losses(out).values())))
+    for image in (data / "images").iterdir():  # nothing readable: no step trains, and the run fails in one line
+        image.write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match="no step trained: all 2 were skipped; check --data"):
+        run(init, data, tmp_path / "unreadable", "--max-steps", "2")
 
 
 def test_nan_losses_stop_the_run_with_a_checkpoint(init, synth, tmp_path, monkeypatch):
