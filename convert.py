@@ -162,9 +162,9 @@ def fit_to_source(args, vae_path, family: str, latent_dim: int) -> tuple[torch.T
                     z = model.latent_tokens(vae, small.to(device)).cpu()
                 if args.head_steps:  # kept for the head's steps: a window of the image as uint8, its tokens on the grid
                     h, w, p = full.shape[-2] // args.patch, full.shape[-1] // args.patch, args.patch
-                    for image, tokens in zip(((full + 1) * 127.5).round().to(torch.uint8), z.unflatten(1, (h, w))):
+                    for pixels, tokens in zip(((full + 1) * 127.5).round().to(torch.uint8), z.unflatten(1, (h, w))):
                         r, c = (int(torch.randint(max(n - window, 0) + 1, (), generator=g)) for n in (h, w))
-                        kept.append((image[:, r * p:(r + window) * p, c * p:(c + window) * p].clone(),
+                        kept.append((pixels[:, r * p:(r + window) * p, c * p:(c + window) * p].clone(),
                                      tokens[r:r + window, c:c + window].clone()))
                 yield model.patchify(small, token), z
                 count[0], batch = count[0] + len(batch), []

@@ -121,7 +121,7 @@ def zimage_repo(tmp_path_factory):
 def test_head_steps_keep_a_window_of_each_align_image(zimage_repo, tmp_path, monkeypatch):
     """Of each align image the head's steps keep a random window (at 4K the whole images would not fit in memory)
     with its own latent tokens; the fit itself reads the whole images."""
-    images = align_images(tmp_path / "images", size=96)
+    images = align_images(tmp_path / "images", n=convert.ALIGN_BATCH + 3, size=96)  # more than one VAE batch
     args = convert.parse_args(["--src", str(zimage_repo), "--out", str(tmp_path / "x.safetensors"),
                                "--align-data", str(images)])
     latent_dim = 4 * model.open_checkpoint(zimage_repo).cfg.in_channels
