@@ -302,7 +302,7 @@ def merge(source: model.DiTCheckpoint, out: Path, cast: torch.dtype | None, args
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
-    if out.suffix != ".safetensors":
+    if out.suffix != ".safetensors" or out.is_dir():
         raise SystemExit(f"--out {out}: write a .safetensors file")
     source = model.open_checkpoint(args.src, args.init)
     if out.resolve() in {Path(f).resolve() for f in [*source.files, *([source.trained] if source.trained else [])]}:

@@ -178,6 +178,8 @@ def main(argv=None):
     single = len(jobs) == 1
     if out.suffix == ".png" and not single:
         raise SystemExit(f"--out {out} is one file but {len(jobs)} images are asked for: pass a folder")
+    if out.suffix.lower() in (".jpg", ".jpeg", ".webp") or out.suffix != ".png" and out.is_file():
+        raise SystemExit(f"--out {out}: sample.py writes PNG files into a folder, or one .png file; pass one of those")
 
     features = encode(text_encoder, prompts + [args.negative_prompt], args.device, dtype, family)
     features, negative = features[:-1], features[-1]

@@ -33,6 +33,7 @@ def files(tmp_path_factory):
     (root / "data").mkdir()
     (root / "data" / "metadata.jsonl").write_text('{"file_name": "a.png", "prompt": "a cat"}\n')
     shutil.copy(next((repo / "transformer").glob("*.safetensors")), root / "victim.safetensors")  # --out = --src
+    (root / "folder.safetensors").mkdir()
     shutil.copytree(repo, root / "damaged")  # a repo with a damaged config.json
     (root / "damaged" / "transformer" / "config.json").write_text("{bad")
     shutil.copytree(repo, root / "mixed")  # a Z-Image repo holding FLUX.2's VAE
@@ -97,6 +98,11 @@ CASES = [  # script, arguments ({} is the fixture folder), what the one line mus
      "--steps 1", "drop --init"),
     ("sample.py", "--ckpt {}/init.safetensors --text-encoder {}/repo --prompt x --res 32 --steps 2 --cfg 1e300",
      "sampling gave non-finite values"),
+    ("sample.py", "--ckpt {}/init.safetensors --text-encoder {}/repo --prompt x --res 32 --steps 1 --out {}/o.jpg",
+     "writes PNG files into a folder"),
+    ("sample.py", "--ckpt {}/init.safetensors --text-encoder {}/repo --prompt x --res 32 --steps 1 --out {}/empty.txt",
+     "writes PNG files into a folder"),
+    ("convert.py", "--src {}/repo --out {}/folder.safetensors --recipe paper", "write a .safetensors file"),
 ]
 
 
