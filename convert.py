@@ -261,10 +261,12 @@ def aligned_tensors(args, source: model.DiTCheckpoint, cfg) -> tuple[dict[str, t
 
 
 def repo_root(src, marker: str) -> Path | None:
-    """The repo root holding `marker` (a file or folder) at or above --src: a repo root, its transformer/ folder or
-    a file in that folder."""
+    """The repo root holding `marker` (a file or folder) at --src: a repo root or a file in it, or above a
+    transformer/ folder or a file in that folder (not above other folders: a ComfyUI models/ tree is no repo)."""
     path = Path(os.path.abspath(src))  # not resolve(): a Hugging Face cache links each file into blobs/
-    return next((root for root in (path, *path.parents[:2]) if (root / marker).exists()), None)
+    folder = path if path.is_dir() else path.parent
+    roots = [folder, folder.parent] if folder.name == "transformer" else [folder]
+    return next((root for root in roots if (root / marker).exists()), None)
 
 
 def source_sampler(src, family: str) -> list | None:

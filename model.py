@@ -1899,13 +1899,17 @@ def generate(model: "ZImageDiT | Flux2DiT", cap: torch.Tensor, cap_mask: torch.T
     x = sample(model, noise, cap.to(device), cap_mask.to(device), steps, shift, guidance,
                None if neg_cap is None else neg_cap.to(device), None if neg_mask is None else neg_mask.to(device),
                cfg_batch=cfg_batch, progress=progress)
-    if not torch.isfinite(x).all():
-        raise CheckpointError("sampling gave non-finite values (NaN or inf): a checkpoint with non-finite weights, or "
-                              f"a guidance ({guidance}) or shift ({shift}) far too large")
     if vae is None:
         return x
     vae_dtype = next(vae.parameters()).dtype
     return vae.decode(x.to(vae_dtype)).float()
+
+
+def check_finite_images(images: torch.Tensor, settings: str) -> None:
+    """sample.py and synth.py write no image that sampling made non-finite (it would be a black PNG)."""
+    if not torch.isfinite(images).all():
+        raise CheckpointError(f"sampling gave non-finite values (NaN or inf) with {settings}: a checkpoint with "
+                              "non-finite weights, or a guidance or shift far too large")
 
 
 def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:

@@ -106,6 +106,7 @@ def run(dit, features, negative, jobs, size, steps, cfg, shift, args, vae=None, 
         begin = time.perf_counter()
         out = model.generate(dit, cap, mask, [s for _, s in batch], height, width, steps, shift, cfg, neg_cap,
                              neg_mask, vae=vae, cfg_batch=not args.low_memory, progress=True)
+        model.check_finite_images(out, f"{name}, {steps} steps, CFG {cfg}, shift {shift:.3g}")
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - begin)

@@ -355,6 +355,7 @@ def make_images(out: Path, src: Path, prompts: list[str], pending: list, feature
                                                    neg_mask=torch.ones(len(batch), len(neg), dtype=torch.bool))
             images = model.generate(dit, cap, mask, seeds, settings["height"], settings["width"], settings["steps"],
                                     settings["shift"], guidance=settings["guidance"], vae=vae, **negative)
+            model.check_finite_images(images, f"--src {src}, CFG {settings['guidance']}, shift {settings['shift']:.3g}")
             for (i, j), seed, pixels in zip(batch, seeds, model.to_uint8(images)):
                 text = dict(prompt=prompts[i], seed=seed, steps=settings["steps"], guidance=settings["guidance"],
                             shift=settings["shift"], source=settings["source"], software="l2p synth.py")

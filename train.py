@@ -115,7 +115,7 @@ def parse_args(argv=None):
 
 
 RUN_DEFINING = ("seed", "batch_size", "res", "shift", "train_blocks", "strict_freeze", "trainable", "loss", "states",
-                "dtype", "lr", "warmup", "weight_decay", "grad_clip", "head_lr_fan_in")
+                "dtype", "warmup", "weight_decay", "head_lr_fan_in")  # --lr, --grad-clip: the remedy after a stop
 TRAIN_STEPS = 1000  # training sigmas: one of 1000 shifted steps, as the source was trained
 
 

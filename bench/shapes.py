@@ -411,7 +411,8 @@ def main(argv=None, plan: Plan | None = None, source: Path | None = None):
     out.mkdir(parents=True, exist_ok=True)
     plan_file = out / "plan.json"
     source_id = {"plan": asdict(plan), "source": manifest["files"], "seed": args.seed}
-    if plan_file.exists() and json.loads(plan_file.read_text()) != source_id:
+    # a cache from before plan.json recorded the seed was made with the default one
+    if plan_file.exists() and {"seed": 0, **json.loads(plan_file.read_text())} != source_id:
         raise SystemExit(f"{out} holds stages of another plan, source or --seed ({plan_file}); pass --fresh to redo "
                          "them, or another --runs folder")
     write_json(plan_file, source_id)

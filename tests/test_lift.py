@@ -335,6 +335,12 @@ def test_recipes_need_their_inputs(zimage_repo, tmp_path):
     single = next((zimage_repo / "transformer").glob("*.safetensors"))  # in a repo: its vae/ is found
     convert.main(["--src", str(single), "--out", str(tmp_path / "c.safetensors"), "--align-data",
                   str(align_images(tmp_path / "i")), "--head-steps", "0"])
+    comfy = tmp_path / "models"  # a ComfyUI tree: its vae/ is not this source's repo
+    shutil.copytree(zimage_repo / "vae", comfy / "vae")
+    (comfy / "diffusion_models").mkdir()
+    with pytest.raises(SystemExit, match="no vae/ folder at or above it"):
+        convert.main(["--src", str(shutil.copy(single, comfy / "diffusion_models")), "--out",
+                      str(tmp_path / "c.safetensors"), "--align-data", str(tmp_path / "i")])
     (tmp_path / "alone").mkdir()
     with pytest.raises(SystemExit, match="no vae/ folder at or above it: pass the source's VAE with --vae"):
         convert.main(["--src", str(shutil.copy(single, tmp_path / "alone")), "--out", str(tmp_path / "c.safetensors"),

@@ -313,9 +313,10 @@ def test_resume_continues_exactly(init, synth, tmp_path):
         assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], rtol=0, atol=1e-6) for k in x)
     state = torch.load(interrupted / "train_state.pt", weights_only=True)
     assert state["step"] == 6 and state["samples_seen"] == 24
-    # a resume must not change the trajectory, and one past --max-steps or from a damaged state says so
-    with pytest.raises(SystemExit, match=r"--lr is 0\.01 but the run started with 0\.001"):
-        run(init, synth, interrupted, "--max-steps", "9", "--resume", *common, "--lr", "1e-2")
+    # a resume must not change the trajectory (--lr and --grad-clip may: the remedy after a stop), and one past
+    # --max-steps or from a damaged state says so
+    with pytest.raises(SystemExit, match="--warmup is 4 but the run started with 3"):
+        run(init, synth, interrupted, "--max-steps", "9", "--resume", *common, "--warmup", "4")
     with pytest.raises(SystemExit, match="the run is at step 6, past --max-steps 3; raise --max-steps"):
         run(init, synth, interrupted, "--max-steps", "3", "--resume", *common)
     (interrupted / "train_state.pt").write_bytes(b"not a checkpoint")
@@ -469,6 +470,14 @@ def test_nan_losses_stop_the_run_with_a_checkpoint(init, synth, tmp_path, monkey
     monkeypatch.setattr(model.ZImageDiT, "forward", forward)  # the checkpoint resumes (from the last good weights)
     run(init, synth, out, "--max-steps", "6", "--resume", "--lr", "1e-3")
     assert list(losses(out)) == [1, 2, 6]
+
+
+def test_a_non_finite_sample_grid_does_not_stop_training(init, synth, tmp_path, monkeypatch):
+    forward = model.ZImageDiT.forward  # finite in training, inf when sampling: the grid is written, the run goes on
+    monkeypatch.setattr(model.ZImageDiT, "forward", lambda self, *a, **k: forward(self, *a, **k) * (
+        1.0 if self.training else float("inf")))
+    run(init, synth, tmp_path / "run", "--max-steps", "4", "--sample-every", "2")
+    assert log_rows(tmp_path / "run", "summary") and len(list((tmp_path / "run" / "samples").glob("*.png"))) == 2
 
 
 def test_bad_inputs_give_clear_errors(repo, init, synth, tmp_path):
