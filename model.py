@@ -1306,7 +1306,7 @@ def _tokenizer_folder(given, *fallbacks) -> Path:
         if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
             return folder
     raise CheckpointError(f"no tokenizer (tokenizer.json / tokenizer_config.json) in {[str(c) for c in candidates]}; "
-                          "pass tokenizer=<the Z-Image tokenizer/ folder>")
+                          "pass the source's repo root, or put its tokenizer/ folder beside the text encoder's file")
 
 
 def pipeline_family(path) -> str:
